@@ -1,0 +1,1 @@
+"""streamgate: an async streaming reverse proxy for LLM traffic."""

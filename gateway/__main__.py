@@ -1,0 +1,74 @@
+"""The `streamgate` command: serve, validate, explain, fake-llm."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamgate", description="An async streaming reverse proxy for LLM traffic."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+
+    validate = commands.add_parser("validate", help="check a config file; exit 1 listing every error")
+    validate.add_argument("path")
+
+    explain = commands.add_parser(
+        "explain", help="dry run: which route a request takes, its limits, upstreams, timeouts"
+    )
+    explain.add_argument("path", help="config file")
+    explain.add_argument("--method", required=True)
+    explain.add_argument("--path", dest="request_path", required=True, metavar="PATH")
+    explain.add_argument("--header", action="append", default=[], metavar="K:V")
+    explain.add_argument("--body", default=None, metavar="JSON")
+
+    commands.add_parser("fake-llm", help="the bundled reference worker (see `fake-llm --help`)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-llm"]:
+        from .fake_llm import main as fake_llm_main
+
+        return fake_llm_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from .app import serve
+
+        return serve(args.config)
+    if args.command == "validate":
+        return validate(args.path)
+    if args.command == "explain":
+        from .explain import explain
+
+        return explain(args.path, args.method, args.request_path, args.header, args.body)
+    return 2
+
+
+def validate(path: str) -> int:
+    from .config_loader import load_config
+    from .errors import ConfigErrors
+
+    try:
+        load_config(path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            print(error)
+        return 1
+    except OSError as exc:
+        print(f"{path}:1:1: cannot read config: {exc.strerror}")
+        return 1
+    print(f"{path}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""One JSON line per request on stderr. Secrets never appear: no headers are logged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from .context import RequestContext
+
+
+class AccessLog:
+    def __init__(self, enabled: bool, stream=None) -> None:
+        self.enabled = enabled
+        self._stream = stream or sys.stderr
+
+    def write(self, ctx: RequestContext) -> None:
+        if not self.enabled:
+            return
+        now = asyncio.get_running_loop().time()
+        ttfc = ctx.first_chunk_at - ctx.started if ctx.first_chunk_at is not None else None
+        record = {
+            "request_id": ctx.request_id,
+            "method": ctx.method,
+            "path": ctx.path.split("?", 1)[0],
+            "route": ctx.route_name or None,
+            "upstream": ctx.upstream,
+            "endpoint": ctx.endpoint,
+            "attempts": ctx.attempts,
+            "status": ctx.status,
+            "stream": ctx.stream,
+            "model": ctx.model,
+            "time_to_first_chunk_s": round(ttfc, 6) if ttfc is not None else None,
+            "duration_s": round(now - ctx.started, 6),
+            "chunks": ctx.chunks,
+            "bytes": ctx.bytes,
+            "outcome": ctx.outcome,
+            "error": ctx.error_kind,
+        }
+        self._stream.write(json.dumps(record) + "\n")

@@ -1,0 +1,82 @@
+"""The admin listener: /metrics /healthz /readyz /admin/config /admin/reload /admin/streams."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .redact import redacted_config
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+GATEWAY = web.AppKey("gateway", object)
+
+
+def admin_app(gateway: Gateway) -> web.Application:
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/config", config)
+    app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/streams", streams)
+    return app
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"alive": True})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app[GATEWAY]
+    reasons = []
+    if gateway.draining:
+        reasons.append("draining")
+    runtime = gateway.runtime
+    if not any(pool.any_available() for pool in runtime.pools.values()):
+        reasons.append("no upstream has an endpoint in rotation")
+    ready = not reasons
+    return web.json_response({"ready": ready, "reasons": reasons}, status=200 if ready else 503)
+
+
+async def config(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app[GATEWAY]
+    return web.json_response(redacted_config(dataclasses.asdict(gateway.runtime.config)))
+
+
+async def reload(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app[GATEWAY]
+    errors = await gateway.reload()
+    if errors:
+        return web.json_response({"result": "error", "errors": errors}, status=400)
+    return web.json_response({"result": "ok"})
+
+
+async def streams(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app[GATEWAY]
+    now = asyncio.get_running_loop().time()
+    listing = [
+        {
+            "id": ctx.request_id,
+            "route": ctx.route_name,
+            "upstream": ctx.upstream,
+            "endpoint": ctx.endpoint,
+            "age_s": round(now - ctx.started, 3),
+            "chunks": ctx.chunks,
+            "bytes": ctx.bytes,
+            "buffered_chunks": ctx.buffered_chunks,
+        }
+        for ctx in list(gateway.runtime.streams)
+    ]
+    return web.json_response({"streams": listing})

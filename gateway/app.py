@@ -1,0 +1,159 @@
+"""Build and run the gateway: the proxy listener, the admin listener, signals.
+
+Start-up order: the config is loaded and validated whole before any listener opens; the
+runtime (upstream pools, limits) is built; then the proxy and admin listeners start and one
+line saying where is printed on stdout (tests and operators read it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from .admin import admin_app
+from .config import GatewayConfig
+from .config_loader import load_config
+from .errors import ConfigErrors
+from .proxy import Proxy
+from .runtime import Runtime
+
+log = logging.getLogger("streamgate")
+
+
+class Gateway:
+    def __init__(self, config_path: str, config: GatewayConfig) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.proxy: Proxy | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._stopped = asyncio.Event()
+        self._draining = False
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.proxy is not None
+        return self.proxy.runtime
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def start(self) -> tuple[str, str]:
+        runtime = await Runtime.start(self.config)
+        self.proxy = Proxy(runtime)
+        # handler_cancellation: a client that goes away cancels its handler, which closes the
+        # upstream request. aiohttp's runners do not do this unless asked.
+        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        proxy_url = await self._listen(web.ServerRunner(server, handler_cancellation=True), self.config.server.listen)
+        admin_runner = web.AppRunner(admin_app(self), handler_cancellation=True, access_log=None)
+        admin_url = await self._listen(admin_runner, self.config.admin.listen)
+        return proxy_url, admin_url
+
+    async def _listen(self, runner: web.BaseRunner, listen: tuple[str, int]) -> str:
+        await runner.setup()
+        host, port = listen
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        bound = runner.addresses[0]
+        return f"http://{_host_for_url(bound[0])}:{bound[1]}"
+
+    async def reload(self) -> list[str]:
+        """Load the config again; on success swap the runtime, else keep the old one."""
+        try:
+            config = load_config(self.config_path)
+        except ConfigErrors as errors:
+            messages = [str(e) for e in errors.errors]
+            for message in messages:
+                log.error("reload rejected: %s", message)
+            return messages
+        old = self.runtime
+        assert self.proxy is not None
+        self.proxy.runtime = await Runtime.start(config)
+        self.config = config
+        log.info("config reloaded from %s", self.config_path)
+        asyncio.get_running_loop().create_task(_close_when_idle(old))
+        return []
+
+    async def drain_and_stop(self) -> None:
+        """Stop taking new requests, let streams finish within shutdown_grace, then stop."""
+        if self._draining:
+            return
+        self._draining = True
+        assert self.proxy is not None
+        self.proxy.draining = True
+        await asyncio.sleep(self.config.server.drain_delay)
+        grace_deadline = asyncio.get_running_loop().time() + self.config.server.shutdown_grace
+        while self.runtime.streams and asyncio.get_running_loop().time() < grace_deadline:
+            await asyncio.sleep(0.05)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.proxy is not None:
+            await self.proxy.runtime.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def _close_when_idle(runtime: Runtime) -> None:
+    while runtime.streams:
+        await asyncio.sleep(0.5)
+    await runtime.close()
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(config_path: str, config: GatewayConfig) -> int:
+    gateway = Gateway(config_path, config)
+    proxy_url, admin_url = await gateway.start()
+    print(f"streamgate listening on {proxy_url} (admin {admin_url})", flush=True)
+    loop = asyncio.get_running_loop()
+    terms = 0
+
+    def on_term() -> None:
+        nonlocal terms
+        terms += 1
+        if terms == 1:
+            log.info("draining: new requests get 503; streams may run for %gs", config.server.shutdown_grace)
+            loop.create_task(gateway.drain_and_stop())
+        else:
+            loop.create_task(gateway.stop())
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    loop.add_signal_handler(signal.SIGINT, on_term)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
+    await gateway.wait_stopped()
+    return 0
+
+
+def serve(config_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(config_path)
+    except ConfigErrors as errors:
+        print(errors, file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{config_path}: cannot read config: {exc.strerror}", file=sys.stderr)
+        return 1
+    _install_event_loop_policy()
+    return asyncio.run(_serve(config_path, config))

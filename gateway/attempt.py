@@ -1,0 +1,404 @@
+"""Open the upstream response, retrying until the first content chunk is in hand.
+
+This is the only place retries live. Everything before the commit point is retryable and
+nothing has reached the client yet; `open_stream` either returns an `Opened` response (the
+commit point has been reached, or a complete answer is ready to relay) or raises the
+`GatewayError` the client should get.
+
+Order of tries: the route's upstream, then each fallback. On each, up to `retry.attempts`
+tries (the first included), preferring an endpoint this request has not tried. After a failure:
+- a condition in `retry.fallback_on` moves to the next fallback at once;
+- a condition in `retry.on` tries the same upstream again after backoff (an upstream
+  `Retry-After` honoured up to `backoff.max`), then moves on;
+- any other condition is final: an upstream's HTTP answer is relayed as sent, a connection
+  failure becomes 502, a timeout 504.
+When everything has failed, the client gets the most recent HTTP answer any upstream sent.
+
+aiohttp's exceptions are translated into the gateway's at this one boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import sse
+from .config import Backoff, Route
+from .context import RequestContext
+from .errors import (
+    GatewayError,
+    NoHealthyUpstream,
+    UpstreamConnectError,
+    UpstreamReset,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+from .upstreams import Endpoint, UpstreamPool
+
+ERROR_BODY_LIMIT = 256 * 1024
+"""An upstream error body larger than this is relayed as a stream, not inspected."""
+
+
+@dataclass(slots=True)
+class HeldResponse:
+    """A complete upstream answer kept aside: the client gets it if every later try fails."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+class Opened:
+    """The upstream response the client will get, with what was read of it before committing."""
+
+    __slots__ = ("status", "headers", "head", "complete", "sse", "response", "pool", "endpoint")
+
+    def __init__(
+        self,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        head: bytes,
+        complete: bool,
+        response: aiohttp.ClientResponse | None = None,
+        pool: UpstreamPool | None = None,
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.head = head
+        """Body bytes already read; written first."""
+        self.complete = complete
+        """The whole body is in `head`: nothing more to read from the upstream."""
+        self.sse = headers.get("content-type", "").startswith("text/event-stream")
+        self.response = response
+        self.pool = pool
+        self.endpoint = endpoint
+
+    @classmethod
+    def from_held(cls, held: HeldResponse) -> Opened:
+        return cls(held.status, held.headers, held.body, complete=True)
+
+    def finish(self, clean: bool) -> None:
+        """Let go of the upstream: the connection returns to the pool only after a whole body;
+        otherwise it is closed, so the backend stops generating for nobody."""
+        if self.endpoint is not None:
+            self.endpoint.outstanding -= 1
+            self.endpoint = None
+        if self.response is not None:
+            if clean:
+                self.response.release()
+            else:
+                self.response.close()
+            self.response = None
+
+
+class AttemptFailed(Exception):
+    """One try that did not reach the commit point."""
+
+    def __init__(
+        self,
+        error: GatewayError,
+        conditions: tuple[str, ...],
+        held: HeldResponse | None = None,
+        retry_after: float | None = None,
+        ejects: bool = True,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.conditions = conditions
+        """Names matched against retry.on / fallback_on: the status, error codes, or one of
+        connect_error, reset, empty_body, first_chunk_timeout, total_timeout."""
+        self.held = held
+        self.retry_after = retry_after
+        self.ejects = ejects
+        """Counts toward passive ejection (connect errors, resets, timeouts and 5xx)."""
+
+    @property
+    def reason(self) -> str:
+        return self.conditions[0]
+
+
+# ----------------------------------------------------------------- the retry loop
+
+
+async def open_stream(
+    ctx: RequestContext,
+    route: Route,
+    pools: Mapping[str, UpstreamPool],
+    headers: CIMultiDict[str],
+    on_retry=None,
+) -> Opened:
+    policy = route.retry
+    held: HeldResponse | None = None
+    error: GatewayError | None = None
+    loop = asyncio.get_running_loop()
+    for upstream, model in _hops(route):
+        pool = pools[upstream]
+        body = _with_model(ctx, model)
+        tried: set[Endpoint] = set()
+        for attempt in range(1, policy.attempts + 1):
+            endpoint = pool.pick(tried)
+            if endpoint is None:
+                error = error or NoHealthyUpstream(f"upstream {upstream!r} has no endpoint in rotation")
+                break
+            tried.add(endpoint)
+            ctx.upstream, ctx.endpoint = upstream, endpoint.url
+            ctx.attempts += 1
+            try:
+                return await _try_once(ctx, route, pool, endpoint, body, headers)
+            except AttemptFailed as failed:
+                held = failed.held or held
+                error = failed.error
+                matched = _decide(failed.conditions, route)
+                if matched is None:
+                    return _final(failed, held)
+                if matched == "fallback" or attempt == policy.attempts:
+                    if on_retry is not None:
+                        on_retry(failed.reason)
+                    break
+                delay = backoff_delay(policy.backoff, attempt, failed.retry_after)
+                if loop.time() + delay >= ctx.deadline:
+                    break
+                if on_retry is not None:
+                    on_retry(failed.reason)
+                await asyncio.sleep(delay)
+        if loop.time() >= ctx.deadline:
+            break
+    if held is not None:
+        return Opened.from_held(held)
+    raise error or NoHealthyUpstream("no upstream could be tried")
+
+
+def _hops(route: Route) -> list[tuple[str, str | None]]:
+    return [(route.upstream, None)] + [(f.upstream, f.model) for f in route.fallbacks]
+
+
+def _with_model(ctx: RequestContext, model: str | None) -> bytes:
+    if model is None or ctx.json is None:
+        return ctx.body
+    return json.dumps({**ctx.json, "model": model}).encode()
+
+
+def _decide(conditions: tuple[str, ...], route: Route) -> str | None:
+    """"fallback", "retry", or None when no condition is listed (the failure is final)."""
+    policy = route.retry
+    if any(c in policy.fallback_on for c in conditions):
+        return "fallback"
+    if any(c in policy.on for c in conditions):
+        return "retry"
+    return None
+
+
+def _final(failed: AttemptFailed, held: HeldResponse | None) -> Opened:
+    if failed.held is not None:
+        return Opened.from_held(failed.held)
+    raise failed.error
+
+
+def backoff_delay(backoff: Backoff, retry_number: int, retry_after: float | None) -> float:
+    """Exponential from `base`, capped at `max`; an upstream's Retry-After wins, up to `max`."""
+    if retry_after is not None:
+        return min(retry_after, backoff.max)
+    delay = min(backoff.max, backoff.base * 2 ** (retry_number - 1))
+    return random.uniform(delay / 2, delay) if backoff.jitter else delay
+
+
+# ----------------------------------------------------------------- one try
+
+
+async def _try_once(
+    ctx: RequestContext,
+    route: Route,
+    pool: UpstreamPool,
+    endpoint: Endpoint,
+    body: bytes,
+    headers: CIMultiDict[str],
+) -> Opened:
+    t = route.timeouts
+    loop = asyncio.get_running_loop()
+    first_chunk_deadline = loop.time() + t.connect + t.first_chunk
+    deadline = min(first_chunk_deadline, ctx.deadline)
+    timeout_condition = "first_chunk_timeout" if deadline == first_chunk_deadline else "total_timeout"
+    endpoint.outstanding += 1
+    response: aiohttp.ClientResponse | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            assert pool.session is not None
+            response = await pool.session.request(
+                ctx.method,
+                URL(endpoint.url + ctx.path, encoded=True),
+                data=body or None,
+                headers=_with_configured(headers, pool),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect),
+            )
+            opened = await _read_until_commit(ctx, route, response)
+    except BaseException as exc:
+        if response is not None:
+            response.close()
+        endpoint.outstanding -= 1
+        failed = _translate(exc, timeout_condition, pool.name)
+        if failed is None:
+            raise
+        if failed.ejects:
+            pool.record_failure(endpoint)
+        raise failed from exc
+    if opened.status >= 500:
+        pool.record_failure(endpoint)
+    elif opened.status < 400:
+        pool.record_success(endpoint)
+    opened.pool, opened.endpoint = pool, endpoint
+    if opened.complete:
+        opened.finish(clean=True)  # nothing more to read: the connection can go back to the pool
+    return opened
+
+
+def _with_configured(headers: CIMultiDict[str], pool: UpstreamPool) -> CIMultiDict[str]:
+    """Configured upstream headers replace the client's header of the same name."""
+    if not pool.headers:
+        return headers
+    out = headers.copy()
+    for name, value in pool.headers:
+        out[name] = value
+    return out
+
+
+def _translate(exc: BaseException, timeout_condition: str, upstream: str) -> AttemptFailed | None:
+    """The one boundary where aiohttp's and the OS's exceptions become the gateway's."""
+    if isinstance(exc, AttemptFailed):
+        return exc
+    if isinstance(exc, TimeoutError):
+        what = "first chunk" if timeout_condition == "first_chunk_timeout" else "total time"
+        err = UpstreamTimeout(f"upstream {upstream!r} ran out of {what}", timeout_condition)
+        return AttemptFailed(err, (timeout_condition,))
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError)):
+        err = UpstreamConnectError(f"cannot connect to upstream {upstream!r}: {exc}")
+        return AttemptFailed(err, ("connect_error",))
+    if isinstance(exc, (aiohttp.ClientError, ConnectionError)):
+        err = UpstreamReset(f"upstream {upstream!r} dropped the connection: {exc}")
+        return AttemptFailed(err, ("reset",))
+    return None  # cancellation and programming errors pass through
+
+
+# ----------------------------------------------------------------- reading to the commit point
+
+
+async def _read_until_commit(
+    ctx: RequestContext, route: Route, response: aiohttp.ClientResponse
+) -> Opened:
+    status, headers = response.status, response.headers
+    limit = route.buffer.bytes
+    if status >= 400:
+        body, complete = await _read_whole(response, ERROR_BODY_LIMIT)
+        if complete:
+            raise _status_failure(status, headers, body)
+        return Opened(status, headers, body, complete=False, response=response)
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        head, complete = await _read_to_first_event_with_content(response, limit)
+        has_content = not complete or _sse_has_content(head)
+    elif ctx.stream:
+        head = await response.content.readany()
+        complete = not head
+        has_content = bool(head)
+    else:
+        head, complete = await _read_whole(response, limit)
+        has_content = bool(head) or not complete
+    if status == 200 and not has_content:
+        held = HeldResponse(status, headers, head)
+        err = UpstreamReset(f"upstream sent a 200 with no content ({len(head)} bytes)")
+        raise AttemptFailed(err, ("empty_body",), held=held, ejects=False)
+    return Opened(status, headers, head, complete, response=response)
+
+
+async def _read_whole(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Read the body to its end, or stop past `limit` bytes: (bytes, whether it ended)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        data = await response.content.readany()
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
+async def _read_to_first_event_with_content(
+    response: aiohttp.ClientResponse, limit: int
+) -> tuple[bytes, bool]:
+    """Read until an event with content is complete (or past `limit`): (bytes, whether it ended)."""
+    held = b""
+    scanned = 0  # complete events before this offset have been judged content-less
+    sep = b""
+    while len(held) <= limit:
+        data = await response.content.readany()
+        if not data:
+            return held, True
+        held += data
+        sep = sep or sse.separator_of(held)
+        complete, _ = sse.split_complete(held, sep)
+        if len(complete) > scanned:
+            if sse.has_content(complete[scanned:], sep):
+                return held, False
+            scanned = len(complete)
+    return held, False
+
+
+def _sse_has_content(body: bytes) -> bool:
+    sep = sse.separator_of(body)
+    # A body that ends without a final separator still ends its last event.
+    return sse.has_content(body if body.endswith(sep) else body + sep, sep)
+
+
+def _status_failure(status: int, headers: CIMultiDictProxy[str], body: bytes) -> AttemptFailed:
+    codes = _error_codes(body)
+    held = HeldResponse(status, headers, body)
+    err = UpstreamStatus(f"upstream answered {status}", status)
+    return AttemptFailed(
+        err,
+        (str(status), *codes),
+        held=held,
+        retry_after=_retry_after(headers.get("retry-after")),
+        ejects=status >= 500,
+    )
+
+
+def _error_codes(body: bytes) -> tuple[str, ...]:
+    """Error codes an OpenAI-style (or vLLM-style) JSON error body names."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return ()
+    if not isinstance(payload, dict):
+        return ()
+    found: list[str] = []
+    for source in (payload.get("error"), payload):
+        if isinstance(source, dict):
+            for key in ("code", "type"):
+                value = source.get(key)
+                if isinstance(value, str) and value:
+                    found.append(value)
+    return tuple(found)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -1,0 +1,309 @@
+"""The whole gateway configuration as frozen dataclasses.
+
+This module is the schema: every field carries its unit, default and meaning beside it.
+It does no I/O. `config_loader` turns YAML nodes into these objects, reading each field's
+annotation to know how to parse it:
+
+- `Seconds` fields take duration strings (`250ms`, `5s`, `2m`, `1h`) and hold float seconds;
+- `Bytes` fields take size strings (`512KiB`, `4MiB`, `1GB`) or plain integers and hold bytes;
+- `Literal[...]` fields accept exactly the listed strings;
+- `tuple[X, ...]` fields take YAML sequences, `Mapping[str, X]` fields take YAML mappings,
+  nested dataclasses take YAML mappings with exactly their field names.
+
+Names in the YAML are the field names here, except where a field's metadata says `yaml=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Annotated, Literal
+
+Seconds = Annotated[float, "duration"]
+"""A duration: written `250ms`, `5s`, `2m`, `1h` (or a bare number of seconds); held in seconds."""
+Bytes = Annotated[int, "size"]
+"""A size: written `512KiB`, `4MiB`, `1GB` (or a bare number of bytes); held in bytes."""
+HostPort = Annotated[tuple[str, int], "hostport"]
+"""A listen address: written `HOST:PORT` (`0.0.0.0:8080`, `[::1]:8080`); held as (host, port)."""
+
+MiB = 1024 * 1024
+
+
+def _frozen_map() -> Mapping:
+    return MappingProxyType({})
+
+
+# --------------------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: HostPort = ("0.0.0.0", 8080)
+    """Where clients connect."""
+    max_request_body: Bytes = 4 * MiB
+    """Larger request bodies are refused with 413; bodies are buffered so retries can replay them."""
+    shutdown_grace: Seconds = 300.0
+    """How long streams in flight may run on after SIGTERM; long streams deserve minutes."""
+    drain_delay: Seconds = 0.0
+    """After SIGTERM, how long the listener keeps accepting (answering 503) so load balancers
+    see /readyz fail before connections are refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: HostPort = ("127.0.0.1", 9901)
+    """Serves /metrics /healthz /readyz /admin/*. Keep it off public interfaces."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    """Where `scope: global` limits keep their state. `memory` needs nothing else."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    on_error: Literal["fail_open", "fail_closed"] = "fail_open"
+    """When Redis is unreachable: admit (and count) or reject with 503."""
+    lease_ttl: Seconds = 10.0
+    """Global concurrency units held by a dead replica come back after this long."""
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    exporter: Literal["none", "console", "otlp"] = "none"
+    endpoint: str | None = None
+    """OTLP/HTTP endpoint, e.g. http://127.0.0.1:4318/v1/traces (exporter: otlp)."""
+    sample_ratio: float = 1.0
+    """Fraction of new traces sampled, 0.0 to 1.0; a sampled parent is always followed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    tracing: TracingConfig = TracingConfig()
+    access_log: Literal["json", "off"] = "json"
+    """One JSON line per request on stderr, or nothing."""
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    url: str
+    """Base URL (scheme, host, port, optional path prefix); the request path is appended."""
+    weight: int = 1
+    """Share of traffic under `balance: weighted`; ignored by the other policies."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    path: str = "/health"
+    interval: Seconds = 5.0
+    timeout: Seconds = 2.0
+    unhealthy_after: int = 3
+    """Consecutive failed probes before the endpoint leaves rotation; one success brings it back."""
+
+
+@dataclass(frozen=True, slots=True)
+class EjectConfig:
+    consecutive_failures: int = 5
+    """Connect errors, resets, timeouts before the commit point and 5xx in a row (4xx never count)."""
+    cooldown: Seconds = 30.0
+    """How long an ejected endpoint is skipped before it is tried again."""
+
+
+Balance = Literal["round_robin", "least_outstanding", "weighted"]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpUpstream:
+    endpoints: tuple[EndpointConfig, ...]
+    kind: Literal["http"] = "http"
+    headers: Mapping[str, str] = field(default_factory=_frozen_map)
+    """Added to every upstream request, replacing the client's header of the same name."""
+    balance: Balance = "least_outstanding"
+    health: HealthConfig | None = None
+    """Active probes; without this block every endpoint counts as ready."""
+    eject: EjectConfig = EjectConfig()
+    max_connections: int = 256
+    """Connection pool bound per upstream (all endpoints together)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyConfig:
+    path: str = "/health"
+    timeout: Seconds = 120.0
+    """A worker not answering 200 on `path` within this long after start is restarted."""
+    interval: Seconds = 1.0
+    """How often a running worker is probed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartConfig:
+    backoff: Seconds = 1.0
+    max_backoff: Seconds = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPoolUpstream:
+    command: tuple[str, ...]
+    """Argument vector; `{port}`, `{gpu}` and `{index}` are substituted per worker."""
+    kind: Literal["worker_pool"] = "worker_pool"
+    gpus: tuple[str, ...] | None = None
+    """One worker per entry, with CUDA_VISIBLE_DEVICES set to it. Exclusive with `count`."""
+    count: int | None = None
+    """Number of workers when no GPUs are named."""
+    port_base: int | None = None
+    """Worker i listens on port_base + i; by default the gateway picks free ports."""
+    host: str = "127.0.0.1"
+    env: Mapping[str, str] = field(default_factory=_frozen_map)
+    ready: ReadyConfig = ReadyConfig()
+    restart: RestartConfig = RestartConfig()
+    stop_grace: Seconds = 10.0
+    """After SIGTERM, how long a worker may take to exit before SIGKILL."""
+    headers: Mapping[str, str] = field(default_factory=_frozen_map)
+    balance: Balance = "least_outstanding"
+    eject: EjectConfig = EjectConfig()
+    max_connections: int = 256
+
+
+Upstream = HttpUpstream | WorkerPoolUpstream
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True, slots=True)
+class Weights:
+    stream: int = 1
+    unary: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    capacity: int
+    """Units available; a request holds its weight in units for the life of its response."""
+    weights: Weights = Weights()
+    max_queue: int = 1000
+    """Requests (not units) allowed to wait; beyond this, 503 at once."""
+    scope: Literal["local", "global"] = "local"
+    """`global` shares the capacity across replicas through Redis leases."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float
+    """Requests admitted per `per` window, per key."""
+    per: Seconds = 1.0
+    key: str = "route"
+    """`route`, `client_ip` or `header:NAME`."""
+    scope: Literal["local", "global"] = "local"
+    max_keys: int = 10000
+    """Bound on distinct keys kept in memory (least recently used are forgotten)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    concurrency: Mapping[str, ConcurrencyLimit] = field(default_factory=_frozen_map)
+    rate: Mapping[str, RateLimit] = field(default_factory=_frozen_map)
+
+
+# --------------------------------------------------------------------------- routes
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: str | None = None
+    """Exact request path."""
+    path_prefix: str | None = None
+    """Request path prefix; exclusive with `path`."""
+    methods: tuple[str, ...] | None = None
+    """Upper-case HTTP methods; any method when absent."""
+    model: str | None = None
+    """Glob (`llama-*`) on the JSON body's "model"; a body without one never matches."""
+    headers: Mapping[str, str] = field(default_factory=_frozen_map)
+    """Exact values; header names are case-insensitive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    upstream: str
+    model: str | None = None
+    """Rewrites the request body's "model" for this hop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    queue: Seconds = 5.0
+    """Longest wait for concurrency units."""
+    connect: Seconds = 2.0
+    first_chunk: Seconds = 30.0
+    """From request sent to the first content chunk (the commit point)."""
+    chunk_gap: Seconds = 30.0
+    """Longest upstream silence between two body chunks once committed."""
+    total: Seconds = 600.0
+    """The whole exchange, admission to last byte."""
+    slow_client: Seconds = 30.0
+    """How long a full buffer may wait for the client to drain."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: Seconds = 0.1
+    max: Seconds = 2.0
+    jitter: bool = True
+
+
+DEFAULT_RETRY_ON = ("connect_error", "reset", "empty_body", "429", "500", "502", "503", "504")
+DEFAULT_FALLBACK_ON = ("first_chunk_timeout", "context_length_exceeded")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    """Tries per upstream, the first included (3 = at most 3 requests to it)."""
+    on: tuple[str, ...] = DEFAULT_RETRY_ON
+    """Conditions retried on the same upstream: `connect_error`, `reset`, `empty_body`,
+    `first_chunk_timeout`, a status code, or an error code from the upstream's JSON error body.
+    Status codes are held as strings ("429")."""
+    fallback_on: tuple[str, ...] = DEFAULT_FALLBACK_ON
+    """Conditions that skip straight to the next fallback."""
+    backoff: Backoff = Backoff()
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    chunks: int = 64
+    bytes: Bytes = 1 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: str
+    match: RouteMatch = RouteMatch()
+    fallbacks: tuple[Fallback, ...] = ()
+    """Tried in order once the primary gives up; YAML entries are a name or {upstream, model}."""
+    limits: tuple[str, ...] = ()
+    """Names from limits.rate and limits.concurrency; charged rate limits first, then
+    concurrency, each group in the order listed here."""
+    timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    buffer: BufferConfig = BufferConfig()
+    keepalive: Seconds | None = None
+    """Write `: keepalive` after this much upstream silence on a committed SSE stream."""
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    state: StateConfig = StateConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    limits: LimitsConfig = LimitsConfig()
+    source: str = field(default="<config>", metadata={"yaml": None})
+    """The file this was loaded from (not a YAML key)."""

@@ -1,0 +1,82 @@
+"""RequestContext: everything one request carries through the pipeline, in one slotted object."""
+
+from __future__ import annotations
+
+import os
+
+from .config import Route
+
+_MAX_REQUEST_ID = 128
+
+
+def request_id_from(header_value: str | None) -> str:
+    """Keep a sane client-supplied x-request-id, else make one."""
+    if header_value and len(header_value) <= _MAX_REQUEST_ID and header_value.isprintable():
+        return header_value
+    return os.urandom(12).hex()
+
+
+class RequestContext:
+    __slots__ = (
+        "request_id",
+        "started",
+        "method",
+        "path",
+        "client_ip",
+        "body",
+        "json",
+        "model",
+        "stream",
+        "route",
+        "weight",
+        "upstream",
+        "endpoint",
+        "attempts",
+        "status",
+        "outcome",
+        "error_kind",
+        "first_chunk_at",
+        "chunks",
+        "bytes",
+        "buffered_chunks",
+        "deadline",
+        "rate_remaining",
+    )
+
+    def __init__(
+        self, request_id: str, method: str, path: str, client_ip: str, started: float
+    ) -> None:
+        self.request_id = request_id
+        self.started = started
+        """Event-loop time the request arrived."""
+        self.method = method
+        self.path = path
+        """Path and query as the client sent them (undecoded)."""
+        self.client_ip = client_ip
+        self.body: bytes = b""
+        self.json: dict | None = None
+        """The request body parsed as a JSON object, when it is one."""
+        self.model: str | None = None
+        self.stream = False
+        self.route: Route | None = None
+        self.weight = 0
+        self.upstream: str | None = None
+        """The upstream of the attempt that answered (or the last one tried)."""
+        self.endpoint: str | None = None
+        self.attempts = 0
+        self.status = 0
+        """HTTP status the client got; 499 when it went away first."""
+        self.outcome = "completed"
+        self.error_kind: str | None = None
+        self.first_chunk_at: float | None = None
+        self.chunks = 0
+        self.bytes = 0
+        self.buffered_chunks = 0
+        self.deadline = float("inf")
+        """Event-loop time at which `timeouts.total` runs out."""
+        self.rate_remaining: tuple[int, int] | None = None
+        """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
+
+    @property
+    def route_name(self) -> str:
+        return self.route.name if self.route is not None else ""

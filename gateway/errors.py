@@ -1,0 +1,202 @@
+"""The error tree, and the one place errors become HTTP.
+
+Callers branch on attributes, never on message text:
+- `status` is the HTTP status the client gets when the error happens before the commit point;
+- `type` is the `error.type` in the JSON body;
+- `condition` is the retry condition name (`connect_error`, `reset`, `first_chunk_timeout`, ...)
+  matched against `retry.on` / `retry.fallback_on`, and used as the `kind`/`reason` label;
+- `outcome` is the stream-duration outcome label it maps to (`rejected` for refusals before any
+  upstream was tried; those are not streams).
+
+Foreign exceptions (aiohttp, redis, OS errors) are translated into these at one boundary each
+(`attempt.py` for the upstream side, the limiters for Redis).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+class GatewayError(Exception):
+    status = 502
+    type = "upstream_error"
+    condition = "upstream_error"
+    outcome = "upstream_error"
+    retry_after: float | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# ----------------------------------------------------------------- the client's fault
+
+
+class ClientError(GatewayError):
+    """The request was refused before any upstream was tried."""
+
+    outcome = "rejected"
+
+
+class BadRequest(ClientError):
+    status = 400
+    type = "bad_request"
+    condition = "bad_request"
+
+
+class RequestTooLarge(ClientError):
+    status = 413
+    type = "request_too_large"
+    condition = "request_too_large"
+
+
+class NoRoute(ClientError):
+    status = 404
+    type = "no_route"
+    condition = "no_route"
+
+
+# ----------------------------------------------------------------- admission
+
+
+class Rejected(ClientError):
+    """Admission said no; carries a Retry-After in seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(Rejected):
+    status = 429
+    type = "rate_limited"
+    condition = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, limit: str, rate: float) -> None:
+        super().__init__(message, retry_after)
+        self.limit = limit
+        self.rate = rate
+
+
+class Overloaded(Rejected):
+    status = 503
+    type = "overloaded"
+    condition = "overloaded"
+
+
+class StateUnavailable(ClientError):
+    """Shared state (Redis) is unreachable and the policy is fail_closed."""
+
+    status = 503
+    type = "state_unavailable"
+    condition = "state_unavailable"
+
+
+class Draining(GatewayError):
+    status = 503
+    type = "shutting_down"
+    condition = "shutdown"
+    outcome = "shutdown"
+
+
+# ----------------------------------------------------------------- upstream side
+
+
+class NoHealthyUpstream(GatewayError):
+    status = 503
+    type = "no_healthy_upstream"
+    condition = "no_healthy_upstream"
+
+
+class UpstreamConnectError(GatewayError):
+    status = 502
+    type = "upstream_unavailable"
+    condition = "connect_error"
+
+
+class UpstreamReset(GatewayError):
+    """The upstream dropped the connection (before or after the commit point)."""
+
+    status = 502
+    type = "upstream_reset"
+    condition = "reset"
+
+
+class UpstreamStatus(GatewayError):
+    """The upstream answered with an error status (kept aside in case every try fails)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.condition = str(status)
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_timeout"
+    outcome = "timeout"
+
+    def __init__(self, message: str, condition: str) -> None:
+        super().__init__(message)
+        self.condition = condition  # first_chunk_timeout | chunk_gap_timeout | total_timeout
+
+
+class SlowClient(GatewayError):
+    status = 504
+    type = "slow_client"
+    condition = "slow_client"
+    outcome = "slow_client"
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def error_body(err: GatewayError, request_id: str) -> dict:
+    return {"error": {"type": err.type, "message": err.message, "request_id": request_id}}
+
+
+def error_response(err: GatewayError, request_id: str) -> web.Response:
+    """The JSON error response for a failure before the commit point."""
+    headers = {"x-request-id": request_id}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
+    return web.Response(
+        status=err.status,
+        body=json.dumps(error_body(err, request_id)).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def sse_error_event(err: GatewayError, request_id: str) -> bytes:
+    """The SSE event that ends a committed stream visibly (never a `[DONE]`)."""
+    return b"event: error\ndata: " + json.dumps(error_body(err, request_id)).encode() + b"\n\n"
+
+
+# ----------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    """One problem in a config file, positioned at the offending value (or key)."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}:{self.column}: {where}{self.message}"
+
+
+class ConfigErrors(Exception):
+    """A config that failed to load; carries every error found, in file order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = sorted(errors, key=lambda e: (e.file, e.line, e.column))
+        super().__init__("\n".join(str(e) for e in self.errors))

@@ -1,0 +1,128 @@
+"""`streamgate explain`: a dry run of one request against a config, in words."""
+
+from __future__ import annotations
+
+import json
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import GatewayConfig, HttpUpstream, Route
+from .config_loader import load_config
+from .errors import ConfigErrors
+from .routing import RequestFacts, Router
+
+
+def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:
+    try:
+        config = load_config(config_path)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            print(error)
+        return 1
+    try:
+        facts, stream = _facts(method, path, headers, body)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    for line in explain_lines(config, facts, stream):
+        print(line)
+    return 0
+
+
+def _facts(
+    method: str, path: str, header_args: list[str], body: str | None
+) -> tuple[RequestFacts, bool]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for item in header_args:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"--header {item!r} is not NAME:VALUE")
+        headers.add(name.strip(), value.strip())
+    payload = None
+    if body is not None:
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            raise ValueError(f"--body is not valid JSON: {exc}") from None
+    model = payload.get("model") if isinstance(payload, dict) else None
+    stream = (isinstance(payload, dict) and payload.get("stream") is True) or (
+        "text/event-stream" in headers.get("accept", "")
+    )
+    facts = RequestFacts(
+        method.upper(),
+        path.split("?", 1)[0],
+        CIMultiDictProxy(headers),
+        model if isinstance(model, str) else None,
+    )
+    return facts, stream
+
+
+def explain_lines(config: GatewayConfig, facts: RequestFacts, stream: bool) -> list[str]:
+    router = Router(config.routes)
+    lines = [f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")]
+    chosen: Route | None = None
+    for compiled in router.compiled:
+        why_not = compiled.mismatch(facts)
+        label = f"routes[{compiled.index}] {compiled.route.name!r}"
+        if why_not is None:
+            lines.append(f"  {label}: matches")
+            chosen = compiled.route
+            break
+        lines.append(f"  {label}: no, {why_not}")
+    if chosen is None:
+        lines.append("result: no route matches: the gateway answers 404")
+        return lines
+    lines.append(f"route: {chosen.name}")
+    lines.append(f"kind: {'stream' if stream else 'unary'}")
+    lines.extend(_limit_lines(config, chosen, stream))
+    lines.extend(_upstream_lines(config, chosen))
+    lines.extend(_policy_lines(chosen))
+    return lines
+
+
+def _limit_lines(config: GatewayConfig, route: Route, stream: bool) -> list[str]:
+    if not route.limits:
+        return ["limits: none"]
+    lines = ["limits (rate limits first, then concurrency, each in route order):"]
+    for name in route.limits:
+        if name in config.limits.rate:
+            r = config.limits.rate[name]
+            lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({r.scope})")
+    for name in route.limits:
+        if name in config.limits.concurrency:
+            c = config.limits.concurrency[name]
+            weight = c.weights.stream if stream else c.weights.unary
+            lines.append(
+                f"  {name}: concurrency, weight {weight} of {c.capacity} units, "
+                f"queue up to {c.max_queue} requests ({c.scope})"
+            )
+    return lines
+
+
+def _upstream_lines(config: GatewayConfig, route: Route) -> list[str]:
+    hops = [(route.upstream, None)] + [(f.upstream, f.model) for f in route.fallbacks]
+    lines = ["upstreams, in order:"]
+    for i, (name, model) in enumerate(hops, 1):
+        upstream = config.upstreams[name]
+        rewrite = f", model rewritten to {model!r}" if model else ""
+        if isinstance(upstream, HttpUpstream):
+            endpoints = ", ".join(f"{e.url} (weight {e.weight})" for e in upstream.endpoints)
+            lines.append(f"  {i}. {name}: http, {upstream.balance} over {endpoints}{rewrite}")
+        else:
+            workers = len(upstream.gpus) if upstream.gpus is not None else upstream.count
+            lines.append(f"  {i}. {name}: worker pool of {workers}, {upstream.balance}{rewrite}")
+    return lines
+
+
+def _policy_lines(route: Route) -> list[str]:
+    t, r, b = route.timeouts, route.retry, route.retry.backoff
+    return [
+        f"timeouts: queue {t.queue:g}s, connect {t.connect:g}s, first_chunk {t.first_chunk:g}s, "
+        f"chunk_gap {t.chunk_gap:g}s, total {t.total:g}s, slow_client {t.slow_client:g}s",
+        f"retry: up to {r.attempts} tries per upstream on [{', '.join(r.on)}]; "
+        f"straight to the next fallback on [{', '.join(r.fallback_on)}]; "
+        f"backoff {b.base:g}s doubling to {b.max:g}s{' with jitter' if b.jitter else ''}; "
+        "never after the first content chunk",
+        f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
+        + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
+    ]

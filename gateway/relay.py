@@ -1,0 +1,275 @@
+"""Relay a committed upstream response to the client, chunk by chunk.
+
+Runs after the commit point, so it never retries: a failure can only end the stream, and
+always visibly. An SSE stream gets an `event: error` and a close (never an invented
+`[DONE]`); any other body is cut off by aborting the connection, so the client sees an
+incomplete body rather than a clean end.
+
+Backpressure: chunks go from the upstream reader straight to the client's transport, and its
+write buffer is the bounded buffer between them. When it holds `buffer.chunks` chunks or
+`buffer.bytes` bytes, the pump stops reading until the client has drained it, so TCP
+backpressure reaches the backend and memory per stream stays bounded.
+
+Deadlines (`chunk_gap`, `slow_client`, `total`, `keepalive`) are kept by one `StreamClock`
+timer per stream, not a timeout object per await: the pump only stores the time at each
+phase change, and the timer wakes at the earliest deadline to re-arm or to end the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from . import sse
+from .attempt import Opened
+from .config import Route
+from .context import RequestContext
+from .errors import GatewayError, SlowClient, UpstreamReset, UpstreamTimeout, sse_error_event
+from .headers import add_rate_limit_headers, client_response_headers
+
+KEEPALIVE_COMMENT = b": keepalive\n\n"
+
+
+class StreamClock:
+    """The deadlines of one committed stream, kept by a single lazily re-armed timer."""
+
+    __slots__ = (
+        "reading",
+        "since",
+        "reason",
+        "_loop",
+        "_task",
+        "_handle",
+        "_chunk_gap",
+        "_slow_client",
+        "_deadline",
+        "_keepalive",
+        "_keepalive_after",
+        "_send_keepalive",
+    )
+
+    def __init__(self, route: Route, deadline: float, send_keepalive=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.reading = True
+        """True while waiting on the upstream (chunk_gap applies), False while writing
+        to the client (slow_client applies)."""
+        self.since = self._loop.time()
+        """When the current phase began."""
+        self.reason: GatewayError | None = None
+        self._chunk_gap = route.timeouts.chunk_gap
+        self._slow_client = route.timeouts.slow_client
+        self._deadline = deadline
+        self._keepalive = route.keepalive if send_keepalive is not None else None
+        self._keepalive_after = self.since
+        self._send_keepalive = send_keepalive
+        self._handle = None
+        self._arm()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self) -> None:
+        due = min(self.since + (self._chunk_gap if self.reading else self._slow_client), self._deadline)
+        if self._keepalive is not None and self.reading:
+            due = min(due, max(self.since, self._keepalive_after) + self._keepalive)
+        self._handle = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now >= self._deadline:
+            return self._fire(UpstreamTimeout("the stream ran out of total time", "total_timeout"))
+        if self.reading and now - self.since >= self._chunk_gap:
+            silence = f"{now - self.since:.1f}s"
+            return self._fire(UpstreamTimeout(f"upstream silent for {silence}", "chunk_gap_timeout"))
+        if not self.reading and now - self.since >= self._slow_client:
+            return self._fire(SlowClient("the client stopped reading"))
+        if (
+            self._keepalive is not None
+            and self.reading
+            and now - max(self.since, self._keepalive_after) >= self._keepalive
+        ):
+            self._keepalive_after = now  # keepalives do not reset chunk_gap
+            self._send_keepalive()
+        self._arm()
+
+    def _fire(self, reason: GatewayError) -> None:
+        self._handle = None
+        self.reason = reason
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def relay(
+    request: web.BaseRequest, ctx: RequestContext, opened: Opened, route: Route
+) -> web.StreamResponse:
+    headers = client_response_headers(opened.headers, ctx.request_id, opened.sse)
+    add_rate_limit_headers(headers, ctx.rate_remaining)
+    ctx.status = opened.status
+    if opened.complete:
+        return await _send_whole(request, ctx, opened, headers)
+    response = web.StreamResponse(status=opened.status, headers=headers)
+    await response.prepare(request)  # the commit point: headers go out with the first chunk
+    ctx.first_chunk_at = asyncio.get_running_loop().time()
+    pump = _Pump(request, ctx, opened, route, response)
+    clean = False
+    try:
+        await pump.run()
+        clean = True
+    except GatewayError as err:
+        await pump.end_visibly(err)
+    finally:
+        pump.clock.stop()
+        opened.finish(clean)
+    return response
+
+
+async def _send_whole(
+    request: web.BaseRequest, ctx: RequestContext, opened: Opened, headers
+) -> web.StreamResponse:
+    response = web.Response(status=opened.status, headers=headers, body=opened.head)
+    await response.prepare(request)
+    await response.write_eof()
+    ctx.first_chunk_at = asyncio.get_running_loop().time()
+    ctx.chunks, ctx.bytes = 1, len(opened.head)
+    return response
+
+
+class _Pump:
+    __slots__ = ("request", "ctx", "opened", "route", "response", "clock", "_keepalive_task")
+
+    def __init__(
+        self,
+        request: web.BaseRequest,
+        ctx: RequestContext,
+        opened: Opened,
+        route: Route,
+        response: web.StreamResponse,
+    ) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.opened = opened
+        self.route = route
+        self.response = response
+        self._keepalive_task: asyncio.Task | None = None
+        keepalive = self._keepalive if (opened.sse and route.keepalive) else None
+        self.clock = StreamClock(route, ctx.deadline, keepalive)
+
+    async def run(self) -> None:
+        try:
+            if self.opened.sse:
+                await self._pump_events()
+            else:
+                await self._pump_bytes()
+        except asyncio.CancelledError:
+            reason = self.clock.reason
+            if reason is None:
+                raise  # the client went away: aiohttp cancelled the handler
+            asyncio.current_task().uncancel()
+            raise reason from None
+        except ConnectionResetError:
+            raise  # writing to a client that is gone
+        except Exception as exc:  # the upstream side broke mid-body
+            if isinstance(exc, GatewayError):
+                raise
+            raise UpstreamReset(f"upstream {self.ctx.upstream!r} broke off the stream: {exc}") from exc
+        await self.response.write_eof()
+
+    async def _pump_bytes(self) -> None:
+        ctx, clock, write = self.ctx, self.clock, self.response.write
+        read = self.opened.response.content.readany
+        time = clock._loop.time
+        data = self.opened.head
+        while data:
+            clock.reading, clock.since = False, time()
+            await write(data)
+            ctx.chunks += 1
+            ctx.bytes += len(data)
+            await self._hold_back_if_full()
+            clock.reading, clock.since = True, time()
+            data = await read()
+
+    async def _pump_events(self) -> None:
+        """Like _pump_bytes, but only whole events are written: a partial event is held
+        until it completes, so an error event never lands inside another event."""
+        ctx, clock, write = self.ctx, self.clock, self.response.write
+        read = self.opened.response.content.readany
+        time = clock._loop.time
+        data = self.opened.head
+        sep = sse.separator_of(data)
+        tail = b""
+        while data:
+            if tail:
+                data = tail + data
+            cut = data.rfind(sep)
+            if cut < 0:
+                tail = data
+            else:
+                end = cut + len(sep)
+                tail = data[end:] if end < len(data) else b""
+                if tail:
+                    data = data[:end]
+                clock.reading, clock.since = False, time()
+                await write(data)
+                ctx.chunks += data.count(sep)
+                ctx.bytes += len(data)
+                await self._hold_back_if_full()
+            clock.reading, clock.since = True, time()
+            data = await read()
+        if tail:  # the upstream ended inside an event: relayed as sent, nothing invented
+            await write(tail)
+            ctx.bytes += len(tail)
+
+    async def _hold_back_if_full(self) -> None:
+        transport = self.request.transport
+        pending = transport.get_write_buffer_size() if transport is not None else 0
+        if not pending:
+            self.ctx.buffered_chunks = 0
+            return
+        self.ctx.buffered_chunks += 1
+        buffer = self.route.buffer
+        if self.ctx.buffered_chunks >= buffer.chunks or pending >= buffer.bytes:
+            await _drained(self.response, transport)
+            self.ctx.buffered_chunks = 0
+
+    def _keepalive(self) -> None:
+        if self._keepalive_task is None or self._keepalive_task.done():
+            self._keepalive_task = asyncio.ensure_future(self.response.write(KEEPALIVE_COMMENT))
+            self._keepalive_task.add_done_callback(_ignore_result)
+
+    async def end_visibly(self, err: GatewayError) -> None:
+        """After the commit point: an SSE error event and a close, or an aborted connection."""
+        self.ctx.outcome = err.outcome
+        self.ctx.error_kind = err.condition
+        transport = self.request.transport
+        if self.opened.sse and transport is not None and not transport.is_closing():
+            self.response.force_close()
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await self.response.write(sse_error_event(err, self.ctx.request_id))
+                await self.response.write_eof()
+        elif transport is not None:
+            transport.abort()
+
+
+async def _drained(response: web.StreamResponse, transport: asyncio.Transport) -> None:
+    """Wait until the client has taken every buffered byte.
+
+    Lowering the transport's high-water mark to zero pauses it at once; aiohttp's drain then
+    waits for the transport to resume, which it does when its buffer is empty.
+    """
+    high, low = transport.get_write_buffer_limits()[::-1]
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        await response._payload_writer.drain()  # no public drain that does not warn
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+
+
+def _ignore_result(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

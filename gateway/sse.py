@@ -1,0 +1,70 @@
+"""What the gateway understands of server-sent events: boundaries, and which events carry content.
+
+The commit point of an SSE stream is the first event with content. OpenAI-style streams open
+with a role-only delta (`{"role": "assistant", "content": ""}`) that says nothing yet; holding
+it back lets a backend that sends headers and a role delta and then stalls be failed over.
+"""
+
+from __future__ import annotations
+
+import json
+
+LF_SEPARATOR = b"\n\n"
+CRLF_SEPARATOR = b"\r\n\r\n"
+
+
+def separator_of(data: bytes) -> bytes:
+    """The event separator a stream uses, judged from its first bytes."""
+    return CRLF_SEPARATOR if CRLF_SEPARATOR in data else LF_SEPARATOR
+
+
+def split_complete(data: bytes, sep: bytes) -> tuple[bytes, bytes]:
+    """(complete events, partial tail): the tail is held until its event is whole."""
+    cut = data.rfind(sep)
+    if cut < 0:
+        return b"", data
+    end = cut + len(sep)
+    return data[:end], data[end:]
+
+
+def has_content(events: bytes, sep: bytes) -> bool:
+    """Whether any complete event in `events` carries content (and so commits the stream)."""
+    for event in events.split(sep):
+        if event and _event_has_content(event):
+            return True
+    return False
+
+
+def _event_has_content(event: bytes) -> bool:
+    data_lines = [
+        line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+    ]
+    if not data_lines:
+        return False  # comments, or an event with no data
+    data = b"\n".join(data_lines)
+    if data.strip() == b"[DONE]":
+        return False
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return True  # not ours to judge: relay it
+    if not isinstance(payload, dict) or "choices" not in payload:
+        return True  # an error object, or another API's event: it is something to say
+    return any(_choice_has_content(c) for c in payload["choices"] or ())
+
+
+def _choice_has_content(choice: object) -> bool:
+    if not isinstance(choice, dict):
+        return True
+    if choice.get("text"):
+        return True  # /v1/completions
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return False
+    return bool(
+        delta.get("content")
+        or delta.get("tool_calls")
+        or delta.get("function_call")
+        or delta.get("refusal")
+        or delta.get("reasoning_content")
+    )
