@@ -74,7 +74,12 @@ class StreamClock:
             self._handle = None
 
     def _arm(self) -> None:
-        due = min(self.since + (self._chunk_gap if self.reading else self._slow_client), self._deadline)
+        # The phase may change while the timer sleeps, to one with a shorter limit; waking at
+        # least every min(limit) catches that in time, because a phase that began after this
+        # arm began after `now`.
+        limit = self._chunk_gap if self.reading else self._slow_client
+        now = self._loop.time()
+        due = min(self.since + limit, now + min(self._chunk_gap, self._slow_client), self._deadline)
         if self._keepalive is not None and self.reading:
             due = min(due, max(self.since, self._keepalive_after) + self._keepalive)
         self._handle = self._loop.call_at(due, self._check)
