@@ -30,7 +30,8 @@ def admin_app(gateway: Gateway) -> web.Application:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest()
+    gateway: Gateway = request.app[GATEWAY]
+    body = generate_latest(gateway.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

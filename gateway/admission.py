@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
-from .config import ConcurrencyLimit, LimitsConfig, Route
+from .config import ConcurrencyLimit, GatewayConfig, LimitsConfig, Route
+from .metrics import Metrics
 from .context import RequestContext
 from .errors import Overloaded, RateLimited
 from .ratelimit import LocalRateLimiter, RateLimiter
@@ -90,6 +91,17 @@ class Admission:
         self._limits = limits
         self.semaphores = semaphores
         self.rate_limiters = rate_limiters
+
+    @classmethod
+    async def start(
+        cls, config: GatewayConfig, metrics: Metrics, previous: Admission | None = None
+    ) -> Admission:
+        """Build the limits of `config`. `previous` is the admission of the config being
+        replaced by a reload: limits that keep their name carry their accounting over."""
+        return cls.local(config.limits)
+
+    async def close(self) -> None:
+        """Let go of shared state (Redis connections, lease renewals)."""
 
     @classmethod
     def local(cls, limits: LimitsConfig) -> Admission:

@@ -18,6 +18,7 @@ from .admin import admin_app
 from .config import GatewayConfig
 from .config_loader import load_config
 from .errors import ConfigErrors
+from .metrics import Metrics
 from .proxy import Proxy
 from .runtime import Runtime
 
@@ -32,6 +33,7 @@ class Gateway:
         self._runners: list[web.BaseRunner] = []
         self._stopped = asyncio.Event()
         self._draining = False
+        self.metrics = Metrics(lambda: self.proxy.runtime if self.proxy is not None else None)
 
     @property
     def runtime(self) -> Runtime:
@@ -43,7 +45,7 @@ class Gateway:
         return self._draining
 
     async def start(self) -> tuple[str, str]:
-        runtime = await Runtime.start(self.config)
+        runtime = await Runtime.start(self.config, self.metrics)
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
@@ -67,14 +69,16 @@ class Gateway:
         try:
             config = load_config(self.config_path)
         except ConfigErrors as errors:
+            self.metrics.config_reloads.labels("error").inc()
             messages = [str(e) for e in errors.errors]
             for message in messages:
                 log.error("reload rejected: %s", message)
             return messages
         old = self.runtime
         assert self.proxy is not None
-        self.proxy.runtime = await Runtime.start(config)
+        self.proxy.runtime = await Runtime.start(config, self.metrics, previous=old)
         self.config = config
+        self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded from %s", self.config_path)
         asyncio.get_running_loop().create_task(_close_when_idle(old))
         return []

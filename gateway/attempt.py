@@ -42,6 +42,7 @@ from .errors import (
     UpstreamStatus,
     UpstreamTimeout,
 )
+from .metrics import Metrics
 from .upstreams import Endpoint, UpstreamPool
 
 ERROR_BODY_LIMIT = 256 * 1024
@@ -135,7 +136,7 @@ async def open_stream(
     route: Route,
     pools: Mapping[str, UpstreamPool],
     headers: CIMultiDict[str],
-    on_retry=None,
+    metrics: Metrics,
 ) -> Opened:
     policy = route.retry
     held: HeldResponse | None = None
@@ -154,28 +155,38 @@ async def open_stream(
             ctx.upstream, ctx.endpoint = upstream, endpoint.url
             ctx.attempts += 1
             try:
-                return await _try_once(ctx, route, pool, endpoint, body, headers)
+                opened = await _try_once(ctx, route, pool, endpoint, body, headers)
             except AttemptFailed as failed:
+                metrics.upstream_attempts.labels(upstream, _attempt_outcome(failed)).inc()
                 held = failed.held or held
                 error = failed.error
                 matched = _decide(failed.conditions, route)
                 if matched is None:
                     return _final(failed, held)
+                metrics.retries.labels(route.name, failed.reason).inc()
                 if matched == "fallback" or attempt == policy.attempts:
-                    if on_retry is not None:
-                        on_retry(failed.reason)
                     break
                 delay = backoff_delay(policy.backoff, attempt, failed.retry_after)
                 if loop.time() + delay >= ctx.deadline:
                     break
-                if on_retry is not None:
-                    on_retry(failed.reason)
                 await asyncio.sleep(delay)
+            else:
+                outcome = "ok" if opened.status < 400 else "upstream_error"
+                metrics.upstream_attempts.labels(upstream, outcome).inc()
+                return opened
         if loop.time() >= ctx.deadline:
             break
     if held is not None:
         return Opened.from_held(held)
     raise error or NoHealthyUpstream("no upstream could be tried")
+
+
+def _attempt_outcome(failed: AttemptFailed) -> str:
+    if isinstance(failed.error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(failed.error, UpstreamConnectError):
+        return "connect_error"
+    return "upstream_error"
 
 
 def _hops(route: Route) -> list[tuple[str, str | None]]:

@@ -41,6 +41,7 @@ class RequestContext:
         "buffered_chunks",
         "deadline",
         "rate_remaining",
+        "usage",
     )
 
     def __init__(
@@ -76,6 +77,8 @@ class RequestContext:
         """Event-loop time at which `timeouts.total` runs out."""
         self.rate_remaining: tuple[int, int] | None = None
         """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
+        self.usage: tuple[int, int] | None = None
+        """(prompt, completion) tokens, where the upstream reported `usage`."""
 
     @property
     def route_name(self) -> str:

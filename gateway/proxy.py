@@ -55,12 +55,12 @@ class Proxy:
                 headers = upstream_request_headers(
                     request.headers, ctx.request_id, ctx.client_ip, request.scheme
                 )
-                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.on_retry(ctx))
-                runtime.streams.add(ctx)
+                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
+                runtime.stream_started(ctx)
                 try:
-                    return await relay(request, ctx, opened, route)
+                    return await relay(request, ctx, opened, route, runtime.metrics)
                 finally:
-                    runtime.streams.discard(ctx)
+                    runtime.stream_ended(ctx)
         except GatewayError as err:
             ctx.status, ctx.outcome, ctx.error_kind = err.status, err.outcome, err.condition
             response = error_response(err, ctx.request_id)

@@ -22,12 +22,13 @@ import contextlib
 
 from aiohttp import web
 
-from . import sse
+from . import sse, usage
 from .attempt import Opened
 from .config import Route
 from .context import RequestContext
 from .errors import GatewayError, SlowClient, UpstreamReset, UpstreamTimeout, sse_error_event
 from .headers import add_rate_limit_headers, client_response_headers
+from .metrics import ChunkGapHistogram, Metrics
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
 
@@ -110,17 +111,18 @@ class StreamClock:
 
 
 async def relay(
-    request: web.BaseRequest, ctx: RequestContext, opened: Opened, route: Route
+    request: web.BaseRequest, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
 ) -> web.StreamResponse:
     headers = client_response_headers(opened.headers, ctx.request_id, opened.sse)
     add_rate_limit_headers(headers, ctx.rate_remaining)
     ctx.status = opened.status
     if opened.complete:
+        ctx.usage = usage.from_body(opened.head)
         return await _send_whole(request, ctx, opened, headers)
     response = web.StreamResponse(status=opened.status, headers=headers)
     await response.prepare(request)  # the commit point: headers go out with the first chunk
     ctx.first_chunk_at = asyncio.get_running_loop().time()
-    pump = _Pump(request, ctx, opened, route, response)
+    pump = _Pump(request, ctx, opened, route, response, metrics)
     clean = False
     try:
         await pump.run()
@@ -145,7 +147,18 @@ async def _send_whole(
 
 
 class _Pump:
-    __slots__ = ("request", "ctx", "opened", "route", "response", "clock", "_keepalive_task")
+    __slots__ = (
+        "request",
+        "ctx",
+        "opened",
+        "route",
+        "response",
+        "clock",
+        "metrics",
+        "gaps",
+        "usage_event",
+        "_keepalive_task",
+    )
 
     def __init__(
         self,
@@ -154,8 +167,13 @@ class _Pump:
         opened: Opened,
         route: Route,
         response: web.StreamResponse,
+        metrics: Metrics,
     ) -> None:
         self.request = request
+        self.metrics = metrics
+        self.gaps = metrics.chunk_gap.for_route(route.name)
+        self.usage_event = b""
+        """The last bytes written that mention "usage" (an OpenAI usage chunk)."""
         self.ctx = ctx
         self.opened = opened
         self.route = route
@@ -188,15 +206,20 @@ class _Pump:
         ctx, clock, write = self.ctx, self.clock, self.response.write
         read = self.opened.response.content.readany
         time = clock._loop.time
+        gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
         data = self.opened.head
+        arrived = time()
         while data:
-            clock.reading, clock.since = False, time()
+            clock.reading, clock.since = False, arrived
             await write(data)
             ctx.chunks += 1
             ctx.bytes += len(data)
             await self._hold_back_if_full()
             clock.reading, clock.since = True, time()
             data = await read()
+            now = time()
+            observe_gap(gaps, now - arrived)
+            arrived = now
 
     async def _pump_events(self) -> None:
         """Like _pump_bytes, but only whole events are written: a partial event is held
@@ -204,9 +227,11 @@ class _Pump:
         ctx, clock, write = self.ctx, self.clock, self.response.write
         read = self.opened.response.content.readany
         time = clock._loop.time
+        gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
         data = self.opened.head
         sep = sse.separator_of(data)
         tail = b""
+        arrived = time()
         while data:
             if tail:
                 data = tail + data
@@ -218,13 +243,20 @@ class _Pump:
                 tail = data[end:] if end < len(data) else b""
                 if tail:
                     data = data[:end]
-                clock.reading, clock.since = False, time()
+                clock.reading, clock.since = False, arrived
                 await write(data)
                 ctx.chunks += data.count(sep)
                 ctx.bytes += len(data)
+                if b'"usage"' in data:
+                    self.usage_event = data
                 await self._hold_back_if_full()
             clock.reading, clock.since = True, time()
             data = await read()
+            now = time()
+            observe_gap(gaps, now - arrived)
+            arrived = now
+        if self.usage_event:
+            ctx.usage = usage.from_sse(self.usage_event, sep)
         if tail:  # the upstream ended inside an event: relayed as sent, nothing invented
             await write(tail)
             ctx.bytes += len(tail)
@@ -238,6 +270,7 @@ class _Pump:
         self.ctx.buffered_chunks += 1
         buffer = self.route.buffer
         if self.ctx.buffered_chunks >= buffer.chunks or pending >= buffer.bytes:
+            self.metrics.backpressure_stalls.labels(self.route.name).inc()
             await _drained(self.response, transport)
             self.ctx.buffered_chunks = 0
 

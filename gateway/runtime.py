@@ -6,12 +6,14 @@ in flight finish under the config they started with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from .access_log import AccessLog
 from .admission import Admission
 from .config import GatewayConfig, HttpUpstream
 from .context import RequestContext
+from .metrics import Metrics
 from .routing import Router
 from .upstreams import UpstreamPool, http_pool
 
@@ -19,17 +21,27 @@ log = logging.getLogger("streamgate")
 
 
 class Runtime:
-    def __init__(self, config: GatewayConfig, pools: dict[str, UpstreamPool]) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        pools: dict[str, UpstreamPool],
+        metrics: Metrics,
+        admission: Admission,
+    ) -> None:
         self.config = config
         self.router = Router(config.routes)
         self.pools = pools
-        self.admission = Admission.local(config.limits)
+        self.metrics = metrics
+        self.admission = admission
         self.streams: set[RequestContext] = set()
-        """Requests past the commit point (for /admin/streams)."""
+        """Requests past the commit point (for /admin/streams and draining)."""
         self.access_log = AccessLog(config.telemetry.access_log == "json")
 
     @classmethod
-    async def start(cls, config: GatewayConfig) -> Runtime:
+    async def start(
+        cls, config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
+    ) -> Runtime:
+        """Build everything `config` names. On reload, `previous` hands over what may be kept."""
         pools = {
             name: http_pool(name, upstream)
             for name, upstream in config.upstreams.items()
@@ -37,18 +49,46 @@ class Runtime:
         }
         for pool in pools.values():
             await pool.start()
-        return cls(config, pools)
+        admission = await Admission.start(
+            config, metrics, previous.admission if previous is not None else None
+        )
+        return cls(config, pools, metrics, admission)
 
     async def close(self) -> None:
         for pool in self.pools.values():
             await pool.close()
+        await self.admission.close()
 
-    def on_retry(self, ctx: RequestContext):
-        def retried(reason: str) -> None:
-            pass
+    def stream_started(self, ctx: RequestContext) -> None:
+        self.streams.add(ctx)
+        self.metrics.active_streams.labels(ctx.route_name).inc()
 
-        return retried
+    def stream_ended(self, ctx: RequestContext) -> None:
+        self.streams.discard(ctx)
+        self.metrics.active_streams.labels(ctx.route_name).dec()
 
     def observe(self, ctx: RequestContext) -> None:
-        """Called once per request, however it ended."""
+        """Called once per request, however it ended: metrics and the access log line."""
+        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m.requests.labels(route, upstream, str(ctx.status), "true" if ctx.stream else "false").inc()
+        if ctx.outcome == "client_disconnect":
+            m.client_disconnects.labels(route).inc()
+        if ctx.first_chunk_at is not None:  # committed: it was a stream (or a whole answer)
+            now = asyncio.get_running_loop().time()
+            m.time_to_first_chunk.labels(route, upstream).observe(ctx.first_chunk_at - ctx.started)
+            m.stream_duration.labels(route, ctx.outcome).observe(now - ctx.started)
+            m.chunks_per_stream.labels(route).observe(ctx.chunks)
+            if ctx.error_kind is not None:
+                m.stream_errors.labels(route, ctx.error_kind).inc()
+            if ctx.usage is not None:
+                self._observe_usage(ctx, now)
         self.access_log.write(ctx)
+
+    def _observe_usage(self, ctx: RequestContext, now: float) -> None:
+        prompt, completion = ctx.usage
+        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m.tokens.labels(route, upstream, "prompt").inc(prompt)
+        m.tokens.labels(route, upstream, "completion").inc(completion)
+        streaming_s = now - ctx.first_chunk_at
+        if ctx.stream and completion and streaming_s > 0:
+            m.output_tokens_per_second.labels(route, upstream).observe(completion / streaming_s)

@@ -44,6 +44,9 @@ class Endpoint:
     def available(self, now: float) -> bool:
         return self.healthy and self.ejected_until <= now
 
+    def in_rotation(self) -> bool:
+        return self.available(time.monotonic())
+
 
 # ----------------------------------------------------------------- balancing policies
 # Each takes the non-empty list of candidates and the pool's turn counter.
