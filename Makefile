@@ -1,0 +1,32 @@
+# The two set-up commands: `make run` (the demo gateway) and `make test` (every test).
+# Each creates its own virtual environment in .venv on first use.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: run test bench lint validate clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed  ## start the demo gateway on config/gateway.yaml (Ctrl-C to stop)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/streamgate serve --config config/gateway.yaml
+
+test: $(BIN)/.installed  ## run the whole test suite
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+bench: $(BIN)/.installed  ## run the standard load test set (under 10 minutes)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m loadtests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check gateway tests loadtests
+
+validate: $(BIN)/.installed
+	for f in config/*.yaml config/examples/*.yaml; do $(BIN)/streamgate validate $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache
