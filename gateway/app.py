@@ -8,7 +8,9 @@ line saying where is printed on stdout (tests and operators read it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -17,7 +19,7 @@ from aiohttp import web
 from .admin import admin_app
 from .config import GatewayConfig
 from .config_loader import load_config
-from .errors import ConfigErrors
+from .errors import ConfigErrors, Draining
 from .metrics import Metrics
 from .proxy import Proxy
 from .runtime import Runtime
@@ -26,11 +28,17 @@ log = logging.getLogger("streamgate")
 
 
 class Gateway:
+    watch_interval = 1.0
+    """Seconds between looks at the config file for a change (tests shorten it)."""
+
     def __init__(self, config_path: str, config: GatewayConfig) -> None:
         self.config_path = config_path
         self.config = config
         self.proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
+        self._proxy_site: web.TCPSite | None = None
+        self._watcher: asyncio.Task | None = None
+        self._reloading = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._draining = False
         self.metrics = Metrics(lambda: self.proxy.runtime if self.proxy is not None else None)
@@ -50,22 +58,46 @@ class Gateway:
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
         server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
-        proxy_url = await self._listen(web.ServerRunner(server, handler_cancellation=True), self.config.server.listen)
-        admin_runner = web.AppRunner(admin_app(self), handler_cancellation=True, access_log=None)
-        admin_url = await self._listen(admin_runner, self.config.admin.listen)
+        # By the time runners are cleaned up, drain_and_stop has already waited for streams.
+        proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
+        self._proxy_site, proxy_url = await self._listen(proxy_runner, self.config.server.listen)
+        admin_runner = web.AppRunner(
+            admin_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+        )
+        _, admin_url = await self._listen(admin_runner, self.config.admin.listen)
+        if self.config_path and os.path.exists(self.config_path):
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
         return proxy_url, admin_url
 
-    async def _listen(self, runner: web.BaseRunner, listen: tuple[str, int]) -> str:
+    async def _listen(
+        self, runner: web.BaseRunner, listen: tuple[str, int]
+    ) -> tuple[web.TCPSite, str]:
         await runner.setup()
         host, port = listen
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
         await site.start()
         self._runners.append(runner)
         bound = runner.addresses[0]
-        return f"http://{_host_for_url(bound[0])}:{bound[1]}"
+        return site, f"http://{_host_for_url(bound[0])}:{bound[1]}"
+
+    async def _watch_config(self) -> None:
+        """Reload when the file changes. stat() follows symlinks, so the atomic `..data`
+        symlink swap of a Kubernetes ConfigMap update shows up as a new inode."""
+        seen = _file_identity(self.config_path)
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            current = _file_identity(self.config_path)
+            if current is not None and current != seen:
+                seen = current
+                log.info("config file changed on disk: reloading")
+                await self.reload()
 
     async def reload(self) -> list[str]:
         """Load the config again; on success swap the runtime, else keep the old one."""
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
         try:
             config = load_config(self.config_path)
         except ConfigErrors as errors:
@@ -84,19 +116,34 @@ class Gateway:
         return []
 
     async def drain_and_stop(self) -> None:
-        """Stop taking new requests, let streams finish within shutdown_grace, then stop."""
+        """Graceful shutdown, in order: /readyz fails and new requests get 503 at once; after
+        `drain_delay` (for load balancers to notice) the listener closes; requests in flight
+        run on for up to `shutdown_grace`; streams still going then end with an error event
+        (outcome `shutdown`); then everything stops."""
         if self._draining:
             return
         self._draining = True
-        assert self.proxy is not None
-        self.proxy.draining = True
+        proxy = self.proxy
+        assert proxy is not None
+        proxy.draining = True
         await asyncio.sleep(self.config.server.drain_delay)
-        grace_deadline = asyncio.get_running_loop().time() + self.config.server.shutdown_grace
-        while self.runtime.streams and asyncio.get_running_loop().time() < grace_deadline:
-            await asyncio.sleep(0.05)
+        if self._proxy_site is not None:
+            await self._proxy_site.stop()
+            self._proxy_site = None
+        try:
+            await asyncio.wait_for(proxy.idle(), self.config.server.shutdown_grace)
+        except TimeoutError:
+            log.warning("shutdown grace over: ending %d streams", len(proxy.in_flight))
+            for ctx in list(proxy.in_flight):
+                if ctx.abort is not None:
+                    ctx.abort(Draining("the gateway is shutting down"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proxy.idle(), 5.0)
         await self.stop()
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -106,6 +153,14 @@ class Gateway:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # mid-swap, or removed: keep serving, look again later
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 async def _close_when_idle(runtime: Runtime) -> None:

@@ -42,6 +42,7 @@ class RequestContext:
         "deadline",
         "rate_remaining",
         "usage",
+        "abort",
     )
 
     def __init__(
@@ -79,6 +80,8 @@ class RequestContext:
         """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens, where the upstream reported `usage`."""
+        self.abort = None
+        """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
 
     @property
     def route_name(self) -> str:

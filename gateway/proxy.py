@@ -34,6 +34,13 @@ class Proxy:
         self.runtime = runtime
         """Swapped whole on reload; each request keeps the one it started with."""
         self.draining = False
+        self.in_flight: set[RequestContext] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Until no request is in flight."""
+        await self._idle.wait()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
@@ -45,6 +52,8 @@ class Proxy:
             request.remote or "",
             loop.time(),
         )
+        self.in_flight.add(ctx)
+        self._idle.clear()
         try:
             if self.draining:
                 raise Draining("the gateway is shutting down")
@@ -71,6 +80,9 @@ class Proxy:
             raise
         finally:
             runtime.observe(ctx)
+            self.in_flight.discard(ctx)
+            if not self.in_flight:
+                self._idle.set()
 
 
 async def read_body(request: web.BaseRequest, ctx: RequestContext, limit: int) -> None:

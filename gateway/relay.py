@@ -88,12 +88,12 @@ class StreamClock:
     def _check(self) -> None:
         now = self._loop.time()
         if now >= self._deadline:
-            return self._fire(UpstreamTimeout("the stream ran out of total time", "total_timeout"))
+            return self.fire(UpstreamTimeout("the stream ran out of total time", "total_timeout"))
         if self.reading and now - self.since >= self._chunk_gap:
             silence = f"{now - self.since:.1f}s"
-            return self._fire(UpstreamTimeout(f"upstream silent for {silence}", "chunk_gap_timeout"))
+            return self.fire(UpstreamTimeout(f"upstream silent for {silence}", "chunk_gap_timeout"))
         if not self.reading and now - self.since >= self._slow_client:
-            return self._fire(SlowClient("the client stopped reading"))
+            return self.fire(SlowClient("the client stopped reading"))
         if (
             self._keepalive is not None
             and self.reading
@@ -103,10 +103,11 @@ class StreamClock:
             self._send_keepalive()
         self._arm()
 
-    def _fire(self, reason: GatewayError) -> None:
-        self._handle = None
-        self.reason = reason
-        if self._task is not None:
+    def fire(self, reason: GatewayError) -> None:
+        """End the stream now with `reason` (the timer's deadlines, or draining at shutdown)."""
+        self.stop()
+        if self.reason is None and self._task is not None:
+            self.reason = reason
             self._task.cancel()
 
 
@@ -181,6 +182,7 @@ class _Pump:
         self._keepalive_task: asyncio.Task | None = None
         keepalive = self._keepalive if (opened.sse and route.keepalive) else None
         self.clock = StreamClock(route, ctx.deadline, keepalive)
+        ctx.abort = self.clock.fire
 
     async def run(self) -> None:
         try:

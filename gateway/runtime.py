@@ -13,6 +13,7 @@ from .access_log import AccessLog
 from .admission import Admission
 from .config import GatewayConfig, HttpUpstream
 from .context import RequestContext
+from .health import HealthChecker
 from .metrics import Metrics
 from .routing import Router
 from .upstreams import UpstreamPool, http_pool
@@ -36,6 +37,7 @@ class Runtime:
         self.streams: set[RequestContext] = set()
         """Requests past the commit point (for /admin/streams and draining)."""
         self.access_log = AccessLog(config.telemetry.access_log == "json")
+        self.health_checkers: list[HealthChecker] = []
 
     @classmethod
     async def start(
@@ -52,9 +54,18 @@ class Runtime:
         admission = await Admission.start(
             config, metrics, previous.admission if previous is not None else None
         )
-        return cls(config, pools, metrics, admission)
+        runtime = cls(config, pools, metrics, admission)
+        for name, pool in pools.items():
+            health = config.upstreams[name].health if name in config.upstreams else None
+            if health is not None:
+                checker = HealthChecker(pool, health)
+                checker.start()
+                runtime.health_checkers.append(checker)
+        return runtime
 
     async def close(self) -> None:
+        for checker in self.health_checkers:
+            await checker.stop()
         for pool in self.pools.values():
             await pool.close()
         await self.admission.close()
