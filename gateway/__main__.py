@@ -15,9 +15,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})")
+    serve.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
 
-    validate = commands.add_parser("validate", help="check a config file; exit 1 listing every error")
+    validate = commands.add_parser(
+        "validate", help="check a config file; exit 1 listing every error"
+    )
     validate.add_argument("path")
 
     explain = commands.add_parser(
@@ -29,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--header", action="append", default=[], metavar="K:V")
     explain.add_argument("--body", default=None, metavar="JSON")
 
-    commands.add_parser("fake-llm", help="the bundled reference worker (see `fake-llm --help`)", add_help=False)
+    commands.add_parser(
+        "fake-llm", help="the bundled reference worker (see `fake-llm --help`)", add_help=False
+    )
     return parser
 
 

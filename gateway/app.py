@@ -192,7 +192,10 @@ async def _serve(config_path: str, config: GatewayConfig) -> int:
         nonlocal terms
         terms += 1
         if terms == 1:
-            log.info("draining: new requests get 503; streams may run for %gs", config.server.shutdown_grace)
+            log.info(
+                "draining: new requests get 503; streams may run for %gs",
+                config.server.shutdown_grace,
+            )
             loop.create_task(gateway.drain_and_stop())
         else:
             loop.create_task(gateway.stop())
@@ -205,7 +208,9 @@ async def _serve(config_path: str, config: GatewayConfig) -> int:
 
 
 def serve(config_path: str) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = load_config(config_path)
     except ConfigErrors as errors:

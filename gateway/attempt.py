@@ -149,7 +149,9 @@ async def open_stream(
         for attempt in range(1, policy.attempts + 1):
             endpoint = pool.pick(tried)
             if endpoint is None:
-                error = error or NoHealthyUpstream(f"upstream {upstream!r} has no endpoint in rotation")
+                error = error or NoHealthyUpstream(
+                    f"upstream {upstream!r} has no endpoint in rotation"
+                )
                 break
             tried.add(endpoint)
             ctx.upstream, ctx.endpoint = upstream, endpoint.url
@@ -200,7 +202,7 @@ def _with_model(ctx: RequestContext, model: str | None) -> bytes:
 
 
 def _decide(conditions: tuple[str, ...], route: Route) -> str | None:
-    """"fallback", "retry", or None when no condition is listed (the failure is final)."""
+    """ "fallback", "retry", or None when no condition is listed (the failure is final)."""
     policy = route.retry
     if any(c in policy.fallback_on for c in conditions):
         return "fallback"
@@ -238,7 +240,9 @@ async def _try_once(
     loop = asyncio.get_running_loop()
     first_chunk_deadline = loop.time() + t.connect + t.first_chunk
     deadline = min(first_chunk_deadline, ctx.deadline)
-    timeout_condition = "first_chunk_timeout" if deadline == first_chunk_deadline else "total_timeout"
+    timeout_condition = (
+        "first_chunk_timeout" if deadline == first_chunk_deadline else "total_timeout"
+    )
     endpoint.outstanding += 1
     response: aiohttp.ClientResponse | None = None
     try:
@@ -250,7 +254,9 @@ async def _try_once(
                 data=body or None,
                 headers=_with_configured(headers, pool),
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=None, connect=t.connect, sock_connect=t.connect),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=t.connect, sock_connect=t.connect
+                ),
             )
             opened = await _read_until_commit(ctx, route, response)
     except BaseException as exc:

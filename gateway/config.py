@@ -42,7 +42,7 @@ class ServerConfig:
     listen: HostPort = ("0.0.0.0", 8080)
     """Where clients connect."""
     max_request_body: Bytes = 4 * MiB
-    """Larger request bodies are refused with 413; bodies are buffered so retries can replay them."""
+    """Larger request bodies get 413; bodies are buffered so retries can replay them."""
     shutdown_grace: Seconds = 300.0
     """How long streams in flight may run on after SIGTERM; long streams deserve minutes."""
     drain_delay: Seconds = 0.0
@@ -106,7 +106,7 @@ class HealthConfig:
 @dataclass(frozen=True, slots=True)
 class EjectConfig:
     consecutive_failures: int = 5
-    """Connect errors, resets, timeouts before the commit point and 5xx in a row (4xx never count)."""
+    """Connect errors, resets, pre-commit timeouts and 5xx in a row (4xx never count)."""
     cooldown: Seconds = 30.0
     """How long an ejected endpoint is skipped before it is tried again."""
 

@@ -59,7 +59,9 @@ def _facts(
 
 def explain_lines(config: GatewayConfig, facts: RequestFacts, stream: bool) -> list[str]:
     router = Router(config.routes)
-    lines = [f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")]
+    lines = [
+        f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")
+    ]
     chosen: Route | None = None
     for compiled in router.compiled:
         why_not = compiled.mismatch(facts)

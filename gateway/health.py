@@ -65,5 +65,8 @@ class HealthChecker:
             endpoint.healthy = False
             log.warning(
                 "%s %s is unhealthy after %d failed probes (%s)",
-                self.pool.name, endpoint.url, self._failures[endpoint], problem,
+                self.pool.name,
+                endpoint.url,
+                self._failures[endpoint],
+                problem,
             )

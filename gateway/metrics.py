@@ -95,7 +95,9 @@ class StateCollector:
         )
         for pool in runtime.pools.values():
             for endpoint in pool.endpoints:
-                healthy.add_metric([pool.name, endpoint.url], 1.0 if endpoint.in_rotation() else 0.0)
+                healthy.add_metric(
+                    [pool.name, endpoint.url], 1.0 if endpoint.in_rotation() else 0.0
+                )
         yield from (in_use, capacity, waiting, healthy)
 
 
@@ -103,69 +105,100 @@ class Metrics:
     def __init__(self, runtime: Callable[[], object] = lambda: None) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "streamgate_requests_total", "Requests by final status.",
-            ["route", "upstream", "status", "stream"], registry=r,
+            "streamgate_requests_total",
+            "Requests by final status.",
+            ["route", "upstream", "status", "stream"],
+            registry=r,
         )
         self.time_to_first_chunk = Histogram(
             "streamgate_time_to_first_chunk_seconds",
             "Request arrival to the commit point (first content chunk).",
-            ["route", "upstream"], buckets=FIRST_CHUNK_BUCKETS, registry=r,
+            ["route", "upstream"],
+            buckets=FIRST_CHUNK_BUCKETS,
+            registry=r,
         )
         self.chunk_gap = ChunkGapHistogram()
         r.register(self.chunk_gap)
         self.stream_duration = Histogram(
-            "streamgate_stream_duration_seconds", "Committed responses, arrival to last byte.",
-            ["route", "outcome"], buckets=DURATION_BUCKETS, registry=r,
+            "streamgate_stream_duration_seconds",
+            "Committed responses, arrival to last byte.",
+            ["route", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.chunks_per_stream = Histogram(
-            "streamgate_chunks_per_stream", "Body chunks (SSE events) relayed per stream.",
-            ["route"], buckets=CHUNK_COUNT_BUCKETS, registry=r,
+            "streamgate_chunks_per_stream",
+            "Body chunks (SSE events) relayed per stream.",
+            ["route"],
+            buckets=CHUNK_COUNT_BUCKETS,
+            registry=r,
         )
         self.stream_errors = Counter(
-            "streamgate_stream_errors_total", "Streams ended by an error after the commit point.",
-            ["route", "kind"], registry=r,
+            "streamgate_stream_errors_total",
+            "Streams ended by an error after the commit point.",
+            ["route", "kind"],
+            registry=r,
         )
         self.client_disconnects = Counter(
-            "streamgate_client_disconnects_total", "Clients that went away before the end.",
-            ["route"], registry=r,
+            "streamgate_client_disconnects_total",
+            "Clients that went away before the end.",
+            ["route"],
+            registry=r,
         )
         self.active_streams = Gauge(
             "streamgate_active_streams", "Streams past the commit point.", ["route"], registry=r
         )
         self.queue_wait = Histogram(
-            "streamgate_queue_wait_seconds", "Time spent waiting for concurrency units.",
-            ["limit"], buckets=QUEUE_BUCKETS, registry=r,
+            "streamgate_queue_wait_seconds",
+            "Time spent waiting for concurrency units.",
+            ["limit"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
         )
         self.rate_limited = Counter(
-            "streamgate_rate_limited_total", "Requests rejected by a rate limit.", ["limit"],
+            "streamgate_rate_limited_total",
+            "Requests rejected by a rate limit.",
+            ["limit"],
             registry=r,
         )
         self.upstream_attempts = Counter(
-            "streamgate_upstream_attempts_total", "Tries on an upstream, by outcome.",
-            ["upstream", "outcome"], registry=r,
+            "streamgate_upstream_attempts_total",
+            "Tries on an upstream, by outcome.",
+            ["upstream", "outcome"],
+            registry=r,
         )
         self.retries = Counter(
-            "streamgate_retries_total", "Retries and fallbacks before the first chunk, by reason.",
-            ["route", "reason"], registry=r,
+            "streamgate_retries_total",
+            "Retries and fallbacks before the first chunk, by reason.",
+            ["route", "reason"],
+            registry=r,
         )
         self.backpressure_stalls = Counter(
             "streamgate_backpressure_stalls_total",
-            "Times a full buffer stopped reading from the upstream.", ["route"], registry=r,
+            "Times a full buffer stopped reading from the upstream.",
+            ["route"],
+            registry=r,
         )
         self.worker_restarts = Counter(
-            "streamgate_worker_restarts_total", "Worker pool process restarts.", ["upstream"],
+            "streamgate_worker_restarts_total",
+            "Worker pool process restarts.",
+            ["upstream"],
             registry=r,
         )
         self.config_reloads = Counter(
             "streamgate_config_reloads_total", "Config reloads by result.", ["result"], registry=r
         )
         self.tokens = Counter(
-            "streamgate_tokens_total", "Tokens the upstream reported in `usage`.",
-            ["route", "upstream", "type"], registry=r,
+            "streamgate_tokens_total",
+            "Tokens the upstream reported in `usage`.",
+            ["route", "upstream", "type"],
+            registry=r,
         )
         self.output_tokens_per_second = Histogram(
             "streamgate_output_tokens_per_second",
             "Completion tokens per second of streaming, where the upstream reports usage.",
-            ["route", "upstream"], buckets=TOKENS_PER_S_BUCKETS, registry=r,
+            ["route", "upstream"],
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
         )
         r.register(StateCollector(runtime))

@@ -201,7 +201,9 @@ class _Pump:
         except Exception as exc:  # the upstream side broke mid-body
             if isinstance(exc, GatewayError):
                 raise
-            raise UpstreamReset(f"upstream {self.ctx.upstream!r} broke off the stream: {exc}") from exc
+            raise UpstreamReset(
+                f"upstream {self.ctx.upstream!r} broke off the stream: {exc}"
+            ) from exc
         await self.response.write_eof()
 
     async def _pump_bytes(self) -> None:

@@ -68,7 +68,7 @@ class CompiledRoute:
                 return f"header {name} is {shown}, not {value!r}"
         if self.model_re is not None:
             if facts.model is None:
-                return f"the body has no \"model\" (route wants {m.model!r})"
+                return f'the body has no "model" (route wants {m.model!r})'
             if self.model_re(facts.model) is None:
                 return f"model {facts.model!r} does not match {m.model!r}"
         return None

@@ -29,16 +29,11 @@ def split_complete(data: bytes, sep: bytes) -> tuple[bytes, bytes]:
 
 def has_content(events: bytes, sep: bytes) -> bool:
     """Whether any complete event in `events` carries content (and so commits the stream)."""
-    for event in events.split(sep):
-        if event and _event_has_content(event):
-            return True
-    return False
+    return any(event and _event_has_content(event) for event in events.split(sep))
 
 
 def _event_has_content(event: bytes) -> bool:
-    data_lines = [
-        line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
-    ]
+    data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     if not data_lines:
         return False  # comments, or an event with no data
     data = b"\n".join(data_lines)

@@ -109,9 +109,11 @@ class GatewayProcess(Subprocess):
     async def _wait_healthy(self) -> None:
         # The proxy listener has no health path of its own; the admin one does. The
         # announcement is printed once both listen, so one probe is enough.
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.admin_url + "/healthz") as response:
-                assert response.status == 200
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(self.admin_url + "/healthz") as response,
+        ):
+            assert response.status == 200
 
 
 def chat_body(stream: bool = True, model: str = "m", **extra) -> dict:

@@ -18,7 +18,10 @@ from tests.support.scripted_upstream import Respond, ScriptedUpstream, Stall, co
 def streamgate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=30,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=30,
     )
 
 
@@ -29,7 +32,8 @@ def test_validate_accepts_the_demo_config():
 
 def test_validate_prints_every_error_with_file_line_column_and_path(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         upstreams:
           local-gpu:
             kind: http
@@ -38,7 +42,8 @@ def test_validate_prints_every_error_with_file_line_column_and_path(tmp_path):
           - name: chat
             upstream: local-gpus
             timeouts: {first_chunk: 30 sec}
-    """))
+    """)
+    )
     result = streamgate("validate", str(path))
     assert result.returncode == 1
     lines = result.stdout.splitlines()
@@ -59,7 +64,8 @@ def test_validate_reports_a_missing_file():
 
 def test_explain_says_which_route_matches_and_why_earlier_ones_did_not(tmp_path):
     path = tmp_path / "gw.yaml"
-    path.write_text(textwrap.dedent("""\
+    path.write_text(
+        textwrap.dedent("""\
         upstreams:
           gpu: {kind: http, endpoints: [{url: "http://10.0.0.1:8000"}, {url: "http://10.0.0.2:8000", weight: 2}]}
           hosted: {kind: http, endpoints: [{url: "https://api.example.com"}]}
@@ -81,10 +87,19 @@ def test_explain_says_which_route_matches_and_why_earlier_ones_did_not(tmp_path)
             fallbacks: [{upstream: hosted, model: gpt-4o-mini}]
             limits: [slots, per-key]
             retry: {attempts: 2}
-    """))
+    """)
+    )
     result = streamgate(
-        "explain", str(path), "--method", "POST", "--path", "/v1/chat/completions",
-        "--header", "x-tenant: other", "--body", '{"model": "llama-3", "stream": true}',
+        "explain",
+        str(path),
+        "--method",
+        "POST",
+        "--path",
+        "/v1/chat/completions",
+        "--header",
+        "x-tenant: other",
+        "--body",
+        '{"model": "llama-3", "stream": true}',
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -121,7 +136,7 @@ async def test_the_production_runner_cancels_the_handler_when_the_client_leaves(
         path = tmp_path / "gw.yaml"
         path.write_text(
             "server: {listen: 127.0.0.1:0}\nadmin: {listen: 127.0.0.1:0}\n"
-            f"upstreams:\n  up: {{kind: http, endpoints: [{{url: \"{up.url}\"}}]}}\n"
+            f'upstreams:\n  up: {{kind: http, endpoints: [{{url: "{up.url}"}}]}}\n'
             "routes:\n  - {name: r, upstream: up, match: {path_prefix: /}}\n"
         )
         async with GatewayProcess(path) as gw, aiohttp.ClientSession() as session:
@@ -141,7 +156,7 @@ async def test_sigterm_drains_and_exits_zero(tmp_path):
         path = tmp_path / "gw.yaml"
         path.write_text(
             "server: {listen: 127.0.0.1:0, shutdown_grace: 5s}\nadmin: {listen: 127.0.0.1:0}\n"
-            f"upstreams:\n  up: {{kind: http, endpoints: [{{url: \"{up.url}\"}}]}}\n"
+            f'upstreams:\n  up: {{kind: http, endpoints: [{{url: "{up.url}"}}]}}\n'
             "routes:\n  - {name: r, upstream: up, match: {path_prefix: /}}\n"
         )
         gw = GatewayProcess(path)

@@ -13,10 +13,13 @@ def _health_aware(up: ScriptedUpstream, healthy: dict[str, bool], name: str):
         if request.path == "/health":
             return Respond(status=200 if healthy[name] else 503, body=b"")
         return Respond(json={"served_by": name})
+
     return answer
 
 
-async def test_an_unhealthy_endpoint_is_skipped_and_returns_after_it_recovers(start_gateway, client):
+async def test_an_unhealthy_endpoint_is_skipped_and_returns_after_it_recovers(
+    start_gateway, client
+):
     healthy = {"a": True, "b": True}
     async with ScriptedUpstream() as a, ScriptedUpstream() as b:
         a.default = _health_aware(a, healthy, "a")
@@ -57,7 +60,9 @@ async def test_readyz_fails_when_no_upstream_has_an_endpoint_in_rotation(start_g
     async with ScriptedUpstream() as a:
         a.default = Respond(status=503, body=b"")
         gw = await start_gateway(
-            config_yaml(a.url, upstream="health: {path: /health, interval: 50ms, unhealthy_after: 1}\n")
+            config_yaml(
+                a.url, upstream="health: {path: /health, interval: 50ms, unhealthy_after: 1}\n"
+            )
         )
         async with asyncio.timeout(3):
             while True:

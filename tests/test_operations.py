@@ -29,7 +29,7 @@ def write_config(path: Path, upstream_url: str, route_prefix: str = "/", extra: 
     path.write_text(
         "server: {listen: 127.0.0.1:0, shutdown_grace: 5s}\nadmin: {listen: 127.0.0.1:0}\n"
         "telemetry: {access_log: off}\n"
-        f"upstreams:\n  up: {{kind: http, endpoints: [{{url: \"{upstream_url}\"}}]}}\n"
+        f'upstreams:\n  up: {{kind: http, endpoints: [{{url: "{upstream_url}"}}]}}\n'
         f"routes:\n  - {{name: r, upstream: up, match: {{path_prefix: {route_prefix}}}}}\n" + extra
     )
 
@@ -59,10 +59,12 @@ async def in_process(tmp_path):
 
 async def _stream_in_flight(session, url, release: asyncio.Event):
     """Start a stream whose upstream waits for `release` mid-body; return its reader task."""
+
     async def run() -> bytes:
         async with session.post(url + "/a/chat", json=chat_body()) as resp:
             assert resp.status == 200
             return await resp.read()
+
     return asyncio.create_task(run())
 
 
@@ -70,7 +72,12 @@ async def _stream_in_flight(session, url, release: asyncio.Event):
 async def test_reload_switches_routes_without_dropping_a_stream(in_process, tmp_path, trigger):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         release = asyncio.Event()
-        up.script(Respond(sse=True, chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()]))
+        up.script(
+            Respond(
+                sse=True,
+                chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()],
+            )
+        )
         up.default = Respond(json={})
         path = tmp_path / "gw.yaml"
         write_config(path, up.url, route_prefix="/a/")
@@ -101,7 +108,9 @@ async def test_reload_switches_routes_without_dropping_a_stream(in_process, tmp_
         assert body.endswith(done()) and b"b " in body  # the old stream finished, untouched
 
 
-async def test_an_invalid_reload_is_rejected_whole_and_the_old_routes_keep_serving(in_process, tmp_path):
+async def test_an_invalid_reload_is_rejected_whole_and_the_old_routes_keep_serving(
+    in_process, tmp_path
+):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         up.default = Respond(json={})
         path = tmp_path / "gw.yaml"
@@ -112,9 +121,7 @@ async def test_an_invalid_reload_is_rejected_whole_and_the_old_routes_keep_servi
             body = await resp.json()
         assert resp.status == 400
         assert body["result"] == "error"
-        assert body["errors"] == [
-            f"{path}:7:25: routes[0].upstream: unknown upstream 'nope'"
-        ]
+        assert body["errors"] == [f"{path}:7:25: routes[0].upstream: unknown upstream 'nope'"]
         assert await _status(session, url + "/a/x") == 200
         async with session.get(admin + "/metrics") as resp:
             metrics = await resp.text()
@@ -139,10 +146,19 @@ async def test_sighup_reloads(tmp_path):
 async def test_drain_lets_a_stream_finish_refuses_new_requests_and_exits_zero(tmp_path):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         release = asyncio.Event()
-        up.script(Respond(sse=True, chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()]))
+        up.script(
+            Respond(
+                sse=True,
+                chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()],
+            )
+        )
         path = tmp_path / "gw.yaml"
         write_config(path, up.url)
-        path.write_text(path.read_text().replace("shutdown_grace: 5s", "shutdown_grace: 10s, drain_delay: 300ms"))
+        path.write_text(
+            path.read_text().replace(
+                "shutdown_grace: 5s", "shutdown_grace: 10s, drain_delay: 300ms"
+            )
+        )
         gw = GatewayProcess(path)
         await gw.start()
         try:
@@ -187,4 +203,3 @@ async def test_drain_past_the_grace_period_ends_streams_with_an_error_event(tmp_
             assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
         finally:
             await gw.stop()
-

@@ -4,6 +4,7 @@ headers both ways, request bodies bounded, errors as JSON."""
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 from yarl import URL
 
@@ -40,7 +41,9 @@ async def _post(client, url, body, **kw):
             id="ndjson",
         ),
         pytest.param(
-            lambda: Respond(headers={"Content-Type": "text/plain"}, chunks=[b"hel", b"lo ", b"world"]),
+            lambda: Respond(
+                headers={"Content-Type": "text/plain"}, chunks=[b"hel", b"lo ", b"world"]
+            ),
             False,
             "text/plain",
             id="chunked-plain",
@@ -81,7 +84,9 @@ async def test_first_chunk_reaches_client_while_upstream_is_still_sending(
 ):
     go_on = asyncio.Event()
     upstream.script(
-        Respond(sse=True, chunks=[role_delta(), content("first "), WaitFor(go_on), content("second ")])
+        Respond(
+            sse=True, chunks=[role_delta(), content("first "), WaitFor(go_on), content("second ")]
+        )
     )
     gw = await start_gateway(config_yaml(upstream.url))
     async with await _post(client, gw.url, chat_body()) as resp:
@@ -161,7 +166,10 @@ async def test_configured_upstream_headers_replace_the_clients(start_gateway, up
     upstream.script(Respond(json={}))
     cfg = config_yaml(upstream.url, upstream='headers: {Authorization: "Bearer upstream-key"}\n')
     gw = await start_gateway(cfg)
-    headers = {"Authorization": "Bearer client-key", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    headers = {
+        "Authorization": "Bearer client-key",
+        "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+    }
     async with await _post(client, gw.url, chat_body(stream=False), headers=headers) as resp:
         await resp.read()
     (seen,) = await upstream.wait_for_requests(1)
@@ -169,7 +177,9 @@ async def test_configured_upstream_headers_replace_the_clients(start_gateway, up
     assert seen.headers["traceparent"] == headers["traceparent"]
 
 
-async def test_method_path_query_and_body_reach_the_upstream_unchanged(start_gateway, upstream, client):
+async def test_method_path_query_and_body_reach_the_upstream_unchanged(
+    start_gateway, upstream, client
+):
     upstream.script(Respond(json={}))
     gw = await start_gateway(config_yaml(upstream.url))
     body = b'{"model": "m",  "odd spacing": [1, 2]}'
@@ -205,7 +215,9 @@ async def test_chunked_request_body_over_the_limit_is_413(start_gateway, upstrea
 
 
 async def test_no_matching_route_is_404_with_json_error(start_gateway, upstream, client):
-    cfg = config_yaml(upstream.url).replace("match: {path_prefix: /}", "match: {path: /v1/chat/completions}")
+    cfg = config_yaml(upstream.url).replace(
+        "match: {path_prefix: /}", "match: {path: /v1/chat/completions}"
+    )
     gw = await start_gateway(cfg)
     async with client.get(gw.url + "/elsewhere") as resp:
         body = await resp.json()
@@ -222,7 +234,9 @@ async def test_no_matching_route_is_404_with_json_error(start_gateway, upstream,
 async def test_malformed_json_request_is_400(start_gateway, upstream, client):
     gw = await start_gateway(config_yaml(upstream.url))
     headers = {"Content-Type": "application/json"}
-    async with client.post(gw.url + "/v1/chat/completions", data=b'{"model": ', headers=headers) as resp:
+    async with client.post(
+        gw.url + "/v1/chat/completions", data=b'{"model": ', headers=headers
+    ) as resp:
         body = await resp.json()
     assert resp.status == 400
     assert body["error"]["type"] == "bad_request"
@@ -241,7 +255,9 @@ async def test_openai_client_streams_a_chat_completion_through_the_gateway(start
         messages = [{"role": "user", "content": "tell me something"}]
 
         async def collect(c) -> tuple[str, list[str | None]]:
-            stream = await c.chat.completions.create(model="llama-x", messages=messages, stream=True)
+            stream = await c.chat.completions.create(
+                model="llama-x", messages=messages, stream=True
+            )
             parts, finishes = [], []
             async for chunk in stream:
                 parts.append(chunk.choices[0].delta.content or "")

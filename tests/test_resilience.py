@@ -26,7 +26,6 @@ from tests.support.scripted_upstream import (
     error_body,
     finish,
     role_delta,
-    sse_data,
     sse_tokens,
 )
 
@@ -35,7 +34,9 @@ OK_STREAM = Respond(sse=True, chunks=sse_tokens(["ok "]))
 
 
 async def _chat(client, gw, stream=True, **extra) -> tuple[aiohttp.ClientResponse, bytes]:
-    async with client.post(gw.url + "/v1/chat/completions", json=chat_body(stream, **extra)) as resp:
+    async with client.post(
+        gw.url + "/v1/chat/completions", json=chat_body(stream, **extra)
+    ) as resp:
         return resp, await resp.read()
 
 
@@ -61,7 +62,9 @@ async def _assert_nothing_held(gw, *upstreams: ScriptedUpstream) -> None:
     "first, reason",
     [
         pytest.param(Respond(status=429, json={"error": {"message": "slow"}}), "429", id="429"),
-        pytest.param(Respond(status=500, json={"error": {"message": "boom"}}), "500", id="500-once"),
+        pytest.param(
+            Respond(status=500, json={"error": {"message": "boom"}}), "500", id="500-once"
+        ),
         pytest.param(ResetBeforeHeaders(), "reset", id="reset-before-headers"),
         pytest.param(Respond(status=200, sse=True, chunks=[]), "empty_body", id="empty-200"),
     ],
@@ -90,7 +93,9 @@ async def test_retry_after_is_honoured_up_to_backoff_max(start_gateway, upstream
 
 
 async def test_persistent_429_returns_the_upstreams_last_answer(start_gateway, upstream, client):
-    upstream.default = Respond(status=429, headers={"Retry-After": "1"}, body=error_body("slow down"))
+    upstream.default = Respond(
+        status=429, headers={"Retry-After": "1"}, body=error_body("slow down")
+    )
     route = "retry: {attempts: 3, backoff: {base: 1ms, max: 1ms}}\n"
     gw = await start_gateway(config_yaml(upstream.url, route=route))
     resp, body = await _chat(client, gw)
@@ -159,21 +164,31 @@ async def test_role_only_delta_then_stall_is_failed_over(start_gateway, client):
 
 
 @pytest.mark.parametrize("listed", [False, True], ids=["not-listed", "every-try-empty"])
-async def test_empty_200_is_relayed_as_sent_when_not_retried(start_gateway, upstream, client, listed):
+async def test_empty_200_is_relayed_as_sent_when_not_retried(
+    start_gateway, upstream, client, listed
+):
     held_back = [role_delta(), finish(), done()]
     upstream.default = Respond(sse=True, chunks=held_back)
     on = "[empty_body]" if listed else "[503]"
-    gw = await start_gateway(config_yaml(upstream.url, route=f"retry: {{attempts: 2, on: {on}, backoff: {{base: 1ms, max: 1ms}}}}\n"))
+    gw = await start_gateway(
+        config_yaml(
+            upstream.url,
+            route=f"retry: {{attempts: 2, on: {on}, backoff: {{base: 1ms, max: 1ms}}}}\n",
+        )
+    )
     resp, body = await _chat(client, gw)
     assert resp.status == 200
     assert body == b"".join(held_back)
     assert len(upstream.requests) == (2 if listed else 1)
 
 
-async def test_context_length_exceeded_goes_to_the_fallback_never_the_same_model(start_gateway, client):
+async def test_context_length_exceeded_goes_to_the_fallback_never_the_same_model(
+    start_gateway, client
+):
     async with ScriptedUpstream() as primary, ScriptedUpstream() as fallback:
         primary.default = Respond(
-            status=400, body=error_body("too long", code="context_length_exceeded"),
+            status=400,
+            body=error_body("too long", code="context_length_exceeded"),
             headers={"Content-Type": "application/json"},
         )
         fallback.script(OK_STREAM)
@@ -192,7 +207,9 @@ async def test_content_policy_400_passes_through_after_one_attempt(start_gateway
     async with ScriptedUpstream() as primary, ScriptedUpstream() as fallback:
         policy_error = error_body("flagged", code="content_policy_violation")
         primary.default = Respond(
-            status=400, body=policy_error, headers={"Content-Type": "application/json", "X-Upstream": "1"}
+            status=400,
+            body=policy_error,
+            headers={"Content-Type": "application/json", "X-Upstream": "1"},
         )
         cfg = config_yaml(
             primary.url,
@@ -205,7 +222,9 @@ async def test_content_policy_400_passes_through_after_one_attempt(start_gateway
         assert (len(primary.requests), len(fallback.requests)) == (1, 0)
 
 
-async def test_fallback_rewrites_the_model_and_the_response_names_the_fallbacks(start_gateway, client):
+async def test_fallback_rewrites_the_model_and_the_response_names_the_fallbacks(
+    start_gateway, client
+):
     async with ScriptedUpstream() as primary, ScriptedUpstream() as fallback:
         primary.default = Respond(status=503, body=b"")
         fallback.script(Respond(sse=True, chunks=sse_tokens(["hi "], model="small-model")))
@@ -297,7 +316,9 @@ async def test_a_non_sse_body_that_breaks_after_commit_is_an_incomplete_body(
     assert len(upstream.requests) == 1
 
 
-async def test_malformed_sse_chunk_is_relayed_and_the_stream_goes_on(start_gateway, upstream, client):
+async def test_malformed_sse_chunk_is_relayed_and_the_stream_goes_on(
+    start_gateway, upstream, client
+):
     chunks = [role_delta(), content("a "), b"data: {not json\n\n", content("b "), done()]
     upstream.script(Respond(sse=True, chunks=chunks))
     gw = await start_gateway(config_yaml(upstream.url))
@@ -313,7 +334,9 @@ async def test_missing_done_ends_when_the_upstream_body_ends(start_gateway, upst
     assert body == b"".join(chunks)
 
 
-async def test_malformed_chunk_size_mid_body_ends_the_stream_visibly(start_gateway, upstream, client):
+async def test_malformed_chunk_size_mid_body_ends_the_stream_visibly(
+    start_gateway, upstream, client
+):
     # aiohttp's C parser may close without raising on this; chunk_gap must still end it.
     event = content("a ")
     upstream.script(
@@ -348,7 +371,9 @@ async def test_a_long_healthy_stream_never_hits_chunk_gap(start_gateway, upstrea
 
 
 async def test_keepalive_comments_fill_upstream_silence(start_gateway, upstream, client):
-    upstream.script(Respond(sse=True, chunks=[role_delta(), content("a "), Sleep(0.35), content("b "), done()]))
+    upstream.script(
+        Respond(sse=True, chunks=[role_delta(), content("a "), Sleep(0.35), content("b "), done()])
+    )
     gw = await start_gateway(
         config_yaml(upstream.url, route="keepalive: 100ms\ntimeouts: {chunk_gap: 10s}\n")
     )
@@ -407,7 +432,9 @@ async def test_disconnect_mid_stream_closes_the_upstream(start_gateway, upstream
     await _assert_nothing_held(gw, upstream)
 
 
-async def test_disconnect_waiting_on_a_unary_body_closes_the_upstream(start_gateway, upstream, client):
+async def test_disconnect_waiting_on_a_unary_body_closes_the_upstream(
+    start_gateway, upstream, client
+):
     upstream.script(NoResponse())
     gw = await start_gateway(config_yaml(upstream.url))
     task = asyncio.create_task(_chat(client, gw, stream=False))
@@ -416,7 +443,9 @@ async def test_disconnect_waiting_on_a_unary_body_closes_the_upstream(start_gate
     await _assert_nothing_held(gw, upstream)
 
 
-async def test_disconnect_while_queued_for_admission_releases_its_place(start_gateway, upstream, client):
+async def test_disconnect_while_queued_for_admission_releases_its_place(
+    start_gateway, upstream, client
+):
     upstream.script(Respond(sse=True, chunks=[role_delta(), content("a "), Stall()]))
     cfg = config_yaml(
         upstream.url,
@@ -447,14 +476,18 @@ async def test_disconnect_while_queued_for_admission_releases_its_place(start_ga
 # ----------------------------------------------------------------- backpressure
 
 
-async def test_slow_client_gets_backpressure_and_memory_stays_bounded(start_gateway, upstream, client):
+async def test_slow_client_gets_backpressure_and_memory_stays_bounded(
+    start_gateway, upstream, client
+):
     """A 50 MiB response to a client that reads slowly: the upstream's writes block instead of
     the gateway buffering; what the gateway has taken stays within its bound plus sockets."""
     chunk = b"x" * 65536
     upstream.script(
         Respond(headers={"Content-Type": "application/octet-stream"}, chunks=[chunk] * 800)
     )
-    gw = await start_gateway(config_yaml(upstream.url, route="buffer: {chunks: 8, bytes: 256KiB}\n"))
+    gw = await start_gateway(
+        config_yaml(upstream.url, route="buffer: {chunks: 8, bytes: 256KiB}\n")
+    )
     received = 0
     async with client.post(gw.url + "/v1/x", json=chat_body(stream=True)) as resp:
         while received < 4 * 1024 * 1024:  # read 4 MiB, slowly
@@ -468,7 +501,9 @@ async def test_slow_client_gets_backpressure_and_memory_stays_bounded(start_gate
     await _assert_nothing_held(gw, upstream)
 
 
-async def test_a_client_that_stops_reading_is_aborted_after_slow_client(start_gateway, upstream, client):
+async def test_a_client_that_stops_reading_is_aborted_after_slow_client(
+    start_gateway, upstream, client
+):
     upstream.default = Respond(
         headers={"Content-Type": "application/octet-stream"}, chunks=[b"x" * 65536] * 800
     )

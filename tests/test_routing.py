@@ -48,9 +48,19 @@ def router() -> Router:
         (facts(method="POST", path="/v1"), None),  # shorter than the prefix /v1/
     ],
     ids=[
-        "all-fields", "header-name-case", "header-value-exact", "model-glob", "model-no-glob",
-        "no-model", "method-falls-through", "prefix", "prefix-deeper", "prefix-is-string",
-        "no-path-route", "no-match", "shorter-than-prefix",
+        "all-fields",
+        "header-name-case",
+        "header-value-exact",
+        "model-glob",
+        "model-no-glob",
+        "no-model",
+        "method-falls-through",
+        "prefix",
+        "prefix-deeper",
+        "prefix-is-string",
+        "no-path-route",
+        "no-match",
+        "shorter-than-prefix",
     ],
 )
 def test_first_matching_route_in_file_order_wins(router, request_facts, expected):
@@ -73,7 +83,9 @@ def test_mismatch_says_why(router):
 def _many_routes(n: int) -> Router:
     lines = ["upstreams:", '  u: {kind: http, endpoints: [{url: "http://127.0.0.1:1"}]}', "routes:"]
     for i in range(n - 2):
-        lines.append(f"  - {{name: r{i}, upstream: u, match: {{path: /t{i}/chat, model: 'm{i}-*'}}}}")
+        lines.append(
+            f"  - {{name: r{i}, upstream: u, match: {{path: /t{i}/chat, model: 'm{i}-*'}}}}"
+        )
     lines.append("  - {name: prefix, upstream: u, match: {path_prefix: /tenant/}}")
     lines.append("  - {name: last, upstream: u, match: {path: /v1/chat/completions}}")
     return Router(load_config_text("\n".join(lines), "many.yaml", env={}).routes)
