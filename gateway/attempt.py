@@ -361,7 +361,10 @@ async def _read_to_first_event_with_content(
         if not data:
             return held, True
         held += data
-        sep = sep or sse.separator_of(held)
+        if not sep:
+            if not sse.has_separator(held):
+                continue  # no event is whole yet; which separator it uses is still unknown
+            sep = sse.separator_of(held)
         complete, _ = sse.split_complete(held, sep)
         if len(complete) > scanned:
             if sse.has_content(complete[scanned:], sep):

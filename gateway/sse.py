@@ -14,8 +14,12 @@ CRLF_SEPARATOR = b"\r\n\r\n"
 
 
 def separator_of(data: bytes) -> bytes:
-    """The event separator a stream uses, judged from its first bytes."""
+    """The event separator a stream uses, judged from its first bytes (LF when unsure)."""
     return CRLF_SEPARATOR if CRLF_SEPARATOR in data else LF_SEPARATOR
+
+
+def has_separator(data: bytes) -> bool:
+    return LF_SEPARATOR in data or CRLF_SEPARATOR in data
 
 
 def split_complete(data: bytes, sep: bytes) -> tuple[bytes, bytes]:

@@ -516,3 +516,13 @@ async def test_a_client_that_stops_reading_is_aborted_after_slow_client(
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.read()
     await _assert_nothing_held(gw, upstream)
+
+
+async def test_crlf_separated_sse_commits_on_content_and_is_relayed_as_sent(
+    start_gateway, upstream, client
+):
+    crlf = [e.replace(b"\n\n", b"\r\n\r\n") for e in (role_delta(), content("a "), done())]
+    upstream.script(Respond(sse=True, chunks=[crlf[0][:10], crlf[0][10:], crlf[1], crlf[2]]))
+    gw = await start_gateway(config_yaml(upstream.url))
+    resp, body = await _chat(client, gw)
+    assert body == b"".join(crlf)
