@@ -122,6 +122,9 @@ class UpstreamPool:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),  # every timeout is the route's
         )
+        # aiohttp silently resends an idempotent request (GET, PUT, ...) once after a
+        # disconnect. Retries are the route's policy, counted in retry.attempts; no others.
+        self.session._retry_connection = False
 
     async def close(self) -> None:
         if self.session is not None:

@@ -526,3 +526,11 @@ async def test_crlf_separated_sse_commits_on_content_and_is_relayed_as_sent(
     gw = await start_gateway(config_yaml(upstream.url))
     resp, body = await _chat(client, gw)
     assert body == b"".join(crlf)
+
+
+async def test_a_get_is_tried_exactly_as_often_as_the_policy_says(start_gateway, upstream, client):
+    upstream.default = ResetBeforeHeaders()
+    gw = await start_gateway(config_yaml(upstream.url, route="retry: {attempts: 1}\n"))
+    async with client.get(gw.url + "/v1/models") as resp:
+        assert resp.status == 502
+    assert len(upstream.requests) == 1
