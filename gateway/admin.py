@@ -48,6 +48,10 @@ async def readyz(request: web.Request) -> web.Response:
     if not any(pool.any_available() for pool in runtime.pools.values()):
         reasons.append("no upstream has an endpoint in rotation")
     ready = not reasons
+    # Workers out of rotation are reported, but do not by themselves make the gateway unready
+    # while some upstream still serves: a crash loop is visible here, not silent.
+    for supervisor in runtime.supervisors.values():
+        reasons.extend(supervisor.status())
     return web.json_response({"ready": ready, "reasons": reasons}, status=200 if ready else 503)
 
 

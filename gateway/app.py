@@ -39,6 +39,8 @@ class Gateway:
         self._proxy_site: web.TCPSite | None = None
         self._watcher: asyncio.Task | None = None
         self._reloading = asyncio.Lock()
+        self._retired: set[Runtime] = set()
+        """Runtimes a reload replaced, closing once their streams are done."""
         self._stopped = asyncio.Event()
         self._draining = False
         self.metrics = Metrics(lambda: self.proxy.runtime if self.proxy is not None else None)
@@ -112,7 +114,9 @@ class Gateway:
         self.config = config
         self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded from %s", self.config_path)
-        asyncio.get_running_loop().create_task(_close_when_idle(old))
+        self._retired.add(old)
+        closing = asyncio.get_running_loop().create_task(_close_when_idle(old))
+        closing.add_done_callback(lambda _: self._retired.discard(old))
         return []
 
     async def drain_and_stop(self) -> None:
@@ -149,6 +153,8 @@ class Gateway:
         self._runners.clear()
         if self.proxy is not None:
             await self.proxy.runtime.close()
+        for old in list(self._retired):
+            await asyncio.gather(*(s.stop() for s in old.supervisors.values()))
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -11,12 +11,13 @@ import logging
 
 from .access_log import AccessLog
 from .admission import Admission
-from .config import GatewayConfig, HttpUpstream
+from .config import GatewayConfig, HttpUpstream, WorkerPoolUpstream
 from .context import RequestContext
 from .health import HealthChecker
 from .metrics import Metrics
 from .routing import Router
 from .upstreams import UpstreamPool, http_pool
+from .workers import WorkerSupervisor
 
 log = logging.getLogger("streamgate")
 
@@ -28,6 +29,7 @@ class Runtime:
         pools: dict[str, UpstreamPool],
         metrics: Metrics,
         admission: Admission,
+        supervisors: dict[str, WorkerSupervisor] | None = None,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
@@ -38,6 +40,8 @@ class Runtime:
         """Requests past the commit point (for /admin/streams and draining)."""
         self.access_log = AccessLog(config.telemetry.access_log == "json")
         self.health_checkers: list[HealthChecker] = []
+        self.supervisors = supervisors if supervisors is not None else {}
+        """Worker pools this runtime stops when it closes; a reload takes unchanged ones over."""
 
     @classmethod
     async def start(
@@ -51,14 +55,15 @@ class Runtime:
         }
         for pool in pools.values():
             await pool.start()
+        supervisors = await _start_worker_pools(config, metrics, previous)
+        pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
         admission = await Admission.start(
             config, metrics, previous.admission if previous is not None else None
         )
-        runtime = cls(config, pools, metrics, admission)
-        for name, pool in pools.items():
-            health = config.upstreams[name].health if name in config.upstreams else None
-            if health is not None:
-                checker = HealthChecker(pool, health)
+        runtime = cls(config, pools, metrics, admission, supervisors)
+        for name, upstream in config.upstreams.items():
+            if isinstance(upstream, HttpUpstream) and upstream.health is not None:
+                checker = HealthChecker(pools[name], upstream.health)
                 checker.start()
                 runtime.health_checkers.append(checker)
         return runtime
@@ -66,8 +71,11 @@ class Runtime:
     async def close(self) -> None:
         for checker in self.health_checkers:
             await checker.stop()
-        for pool in self.pools.values():
-            await pool.close()
+        for name, pool in self.pools.items():
+            if isinstance(self.config.upstreams[name], HttpUpstream):
+                await pool.close()  # a worker pool's belongs to its supervisor
+        # Together: each may wait its stop_grace for workers to exit.
+        await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
         await self.admission.close()
 
     def stream_started(self, ctx: RequestContext) -> None:
@@ -103,3 +111,22 @@ class Runtime:
         streaming_s = now - ctx.first_chunk_at
         if ctx.stream and completion and streaming_s > 0:
             m.output_tokens_per_second.labels(route, upstream).observe(completion / streaming_s)
+
+
+async def _start_worker_pools(
+    config: GatewayConfig, metrics: Metrics, previous: Runtime | None
+) -> dict[str, WorkerSupervisor]:
+    """A started supervisor per `worker_pool` upstream. On reload, one whose definition is
+    unchanged is taken over from `previous` with its workers running; `previous` stops those
+    it keeps (pools removed or changed) when it closes, once its streams are done."""
+    kept = previous.supervisors if previous is not None else {}
+    supervisors: dict[str, WorkerSupervisor] = {}
+    for name, upstream in config.upstreams.items():
+        if not isinstance(upstream, WorkerPoolUpstream):
+            continue
+        if name in kept and kept[name].config == upstream:
+            supervisors[name] = kept.pop(name)
+        else:
+            supervisors[name] = WorkerSupervisor(name, upstream, metrics)
+            await supervisors[name].start()
+    return supervisors

@@ -1,0 +1,353 @@
+"""The local worker pool: streamgate starts its own backends and keeps them serving.
+
+A `WorkerSupervisor` owns one `kind: worker_pool` upstream: an `UpstreamPool` with one endpoint
+per worker, and one task per worker that goes round this loop:
+
+    spawn    the command with `{port}` `{gpu}` `{index}` substituted (in `env` values too),
+             CUDA_VISIBLE_DEVICES={gpu}, in a process group of its own (worker_process.py)
+    ready    probe `ready.path` until it answers 200; then the endpoint joins rotation.
+             Not ready within `ready.timeout`: restart
+    live     probe every `ready.interval`. A failed probe takes the endpoint out of rotation
+             at once and a passing one puts it back; LIVENESS_FAILURES in a row restart it.
+             The process exiting takes it out at once (not at the next probe) and restarts it
+    backoff  stop what is left of its process group, wait, go round again
+
+The wait doubles with each failure in a row, from `restart.backoff` up to `max_backoff`. A worker
+that stayed in rotation for `max_backoff` had recovered: its next failure waits the base again.
+Every restart counts in streamgate_worker_restarts_total and is logged; `status()` says which
+workers are out of rotation and why, for /readyz.
+
+`start()` returns at once: the gateway serves while workers load their models, and each joins
+rotation when it is ready. Streams on a worker that dies are ended by the relay, like those on any
+upstream connection that breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Collection
+
+import aiohttp
+
+from .config import WorkerPoolUpstream
+from .metrics import Metrics
+from .upstreams import Endpoint, UpstreamPool
+from .worker_process import WorkerProcess, exit_reason
+
+log = logging.getLogger("streamgate.workers")
+
+LIVENESS_FAILURES = 3
+"""Failed probes in a row that get a worker in rotation restarted (the first one already takes
+it out of rotation)."""
+PROBE_TIMEOUT_S = 2.0
+"""A probe slower than this has failed; a serving worker answers its health path in milliseconds."""
+READY_POLL_S = 0.1
+"""How often a starting worker is probed: it joins rotation this soon after it is ready."""
+CRASH_LOOP_AFTER = 3
+"""Failures in a row from which a worker's restarts are logged as errors (a crash loop)."""
+SELF_COMMAND = "streamgate"
+"""A command starting with this word runs this very gateway's code and interpreter
+(`python -m gateway ...`), so the bundled fake-llm works from a virtualenv not on PATH."""
+
+STARTING, READY, FAILING, BACKOFF, STOPPED = "starting", "ready", "failing", "backoff", "stopped"
+
+
+class Worker:
+    """One slot of the pool: its index, GPU, port and endpoint stay; its process is replaced
+    at every restart."""
+
+    __slots__ = (
+        "label",
+        "index",
+        "gpu",
+        "port",
+        "endpoint",
+        "process",
+        "state",
+        "since",
+        "ready_at",
+        "failures",
+        "last_failure",
+        "probe_failures",
+        "next_try_at",
+    )
+
+    def __init__(self, label: str, index: int, gpu: str | None, port: int, url: str) -> None:
+        self.label = label
+        """`pool[index]`: names the worker in logs and status lines."""
+        self.index = index
+        self.gpu = gpu
+        self.port = port
+        self.endpoint = Endpoint(url, healthy=False)
+        self.process: WorkerProcess | None = None
+        self.state = STARTING
+        self.since = time.monotonic()
+        """When the current state began."""
+        self.ready_at: float | None = None
+        """When the current process joined rotation (None: it has not)."""
+        self.failures = 0
+        """Failures in a row: crashes, readiness timeouts, failed liveness."""
+        self.last_failure = ""
+        self.probe_failures = 0
+        self.next_try_at = 0.0
+
+    def enter(self, state: str) -> None:
+        self.state, self.since = state, time.monotonic()
+
+
+class WorkerSupervisor:
+    def __init__(self, name: str, config: WorkerPoolUpstream, metrics: Metrics) -> None:
+        self.name = name
+        self.config = config
+        self._metrics = metrics
+        gpus = config.gpus if config.gpus is not None else (None,) * (config.count or 0)
+        self.workers: list[Worker] = []
+        for index, gpu in enumerate(gpus):
+            port = _choose_port(config, index, None, {w.port for w in self.workers})
+            self.workers.append(Worker(f"{name}[{index}]", index, gpu, port, self._url(port)))
+        self.pool = UpstreamPool(name, config, (w.endpoint for w in self.workers))
+        """What routes send traffic to; an endpoint is healthy while its worker is in rotation."""
+        self._probes: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Future[None] | None = None
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def start(self) -> None:
+        """Spawn the workers and return at once; each joins rotation when it is ready."""
+        await self.pool.start()
+        self._probes = aiohttp.ClientSession(
+            # No keep-alive: a connection to a worker's previous process would fail one probe.
+            connector=aiohttp.TCPConnector(force_close=True),
+            timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S),
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._supervise(w), name=f"supervise {w.label}") for w in self.workers
+        ]
+
+    async def stop(self) -> None:
+        """Take every worker out of rotation, SIGTERM its group, SIGKILL it after `stop_grace`.
+        Safe to call more than once, or concurrently; a cancelled caller does not cut it short."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers:
+            worker.endpoint.healthy = False
+            worker.enter(STOPPED)
+        grace = self.config.stop_grace
+        await asyncio.gather(*(w.process.stop(grace) for w in self.workers if w.process))
+        await self.pool.close()
+        if self._probes is not None:
+            await self._probes.close()
+        log.info("%s: workers stopped", self.name)
+
+    def status(self) -> list[str]:
+        """One line per worker out of rotation, saying why (for /readyz); empty when all serve."""
+        now = time.monotonic()
+        return [problem for w in self.workers if (problem := self._problem(w, now))]
+
+    # ----------------------------------------------------------------- one worker's loop
+
+    async def _supervise(self, worker: Worker) -> None:
+        while True:
+            try:
+                failure = await self._run_once(worker)
+            except Exception:  # a bug here must not leave the worker unsupervised
+                log.exception("%s: supervision failed", worker.label)
+                failure = "supervision error (see the log)"
+            worker.endpoint.healthy = False
+            if worker.process is not None:
+                await worker.process.stop(self.config.stop_grace)
+            await asyncio.sleep(self._count_failure(worker, failure))
+
+    async def _run_once(self, worker: Worker) -> str:
+        """Spawn the worker and watch it until it fails; returns why it failed."""
+        others = {w.port for w in self.workers if w is not worker}
+        worker.port = _choose_port(self.config, worker.index, worker.port, others)
+        worker.endpoint.url = self._url(worker.port)
+        worker.process = WorkerProcess(self._argv(worker), self._env(worker), worker.label)
+        worker.ready_at = None
+        worker.enter(STARTING)
+        try:
+            await worker.process.spawn()
+        except OSError as exc:
+            return f"cannot run {worker.process.argv[0]!r}: {exc.strerror or exc}"
+        log.info("%s: started, pid %d, port %d", worker.label, worker.process.pid, worker.port)
+        exited = asyncio.ensure_future(worker.process.wait())
+        # Out of rotation the moment it dies, not at the next probe.
+        exited.add_done_callback(lambda _: setattr(worker.endpoint, "healthy", False))
+        try:
+            failure = await self._until_ready(worker, exited)
+            return failure if failure is not None else await self._while_in_rotation(worker, exited)
+        finally:
+            exited.cancel()
+
+    async def _until_ready(self, worker: Worker, exited: asyncio.Future[int]) -> str | None:
+        """None once `ready.path` answers 200; else why the worker must be restarted."""
+        deadline = time.monotonic() + self.config.ready.timeout
+        while not exited.done():
+            if await self._probe(worker) and not exited.done():
+                self._join_rotation(worker)
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"not ready within {self.config.ready.timeout:g}s"
+            await asyncio.wait((exited,), timeout=min(READY_POLL_S, remaining))
+        return exit_reason(exited.result())
+
+    async def _while_in_rotation(self, worker: Worker, exited: asyncio.Future[int]) -> str:
+        """Probe until the process exits or LIVENESS_FAILURES probes in a row fail."""
+        while True:
+            await asyncio.wait((exited,), timeout=self.config.ready.interval)
+            if exited.done():
+                return exit_reason(exited.result())
+            passed = await self._probe(worker)
+            if exited.done():
+                return exit_reason(exited.result())
+            if passed:
+                if worker.state == FAILING:
+                    log.info("%s: health probe passes again; back in rotation", worker.label)
+                worker.probe_failures, worker.state = 0, READY
+                worker.endpoint.healthy = True
+                continue
+            worker.endpoint.healthy = False
+            worker.probe_failures += 1
+            worker.state = FAILING
+            if worker.probe_failures >= LIVENESS_FAILURES:
+                return f"health probe failed {worker.probe_failures} times in a row"
+            if worker.probe_failures == 1:
+                log.warning("%s: health probe failed; out of rotation", worker.label)
+
+    async def _probe(self, worker: Worker) -> bool:
+        assert self._probes is not None
+        try:
+            async with self._probes.get(worker.endpoint.url + self.config.ready.path) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    def _join_rotation(self, worker: Worker) -> None:
+        endpoint = worker.endpoint
+        # Passive ejection counted the previous process's failures; this one starts clean.
+        endpoint.failures, endpoint.ejected_until = 0, 0.0
+        endpoint.healthy = True
+        worker.probe_failures = 0
+        worker.enter(READY)
+        worker.ready_at = worker.since
+        assert worker.process is not None
+        log.info("%s: ready on %s, pid %d", worker.label, endpoint.url, worker.process.pid)
+
+    def _count_failure(self, worker: Worker, failure: str) -> float:
+        """Record a failure and count the restart; returns the wait before the next start."""
+        restart = self.config.restart
+        now = time.monotonic()
+        if worker.ready_at is not None and now - worker.ready_at >= restart.max_backoff:
+            worker.failures = 0  # it had recovered: a fresh failure, not one more in a loop
+        worker.failures += 1
+        ceiling = max(restart.max_backoff, restart.backoff)
+        delay = min(restart.backoff * 2 ** min(worker.failures - 1, 30), ceiling)
+        worker.enter(BACKOFF)
+        worker.last_failure, worker.next_try_at = failure, now + delay
+        self._metrics.worker_restarts.labels(self.name).inc()
+        loop_note = " (crash loop)" if worker.failures >= CRASH_LOOP_AFTER else ""
+        log.log(
+            logging.ERROR if loop_note else logging.WARNING,
+            "%s: %s; restarting in %s, failure %d in a row%s",
+            worker.label,
+            failure,
+            _duration(delay),
+            worker.failures,
+            loop_note,
+        )
+        return delay
+
+    def _problem(self, worker: Worker, now: float) -> str | None:
+        n = worker.failures
+        crashes = f"{n} crash{'es' if n != 1 else ''} in a row"
+        last = f"(last: {worker.last_failure})"
+        if worker.state == STARTING and n == 0:
+            waited, timeout = _duration(now - worker.since), self.config.ready.timeout
+            problem = f"starting, not ready after {waited} (of {timeout:g}s)"
+        elif worker.state == STARTING:
+            problem = f"starting again after {crashes} {last}"
+        elif worker.state == BACKOFF:
+            wait = _duration(max(0.0, worker.next_try_at - now))
+            problem = f"restarting after {crashes}, next try in {wait} {last}"
+        elif worker.state == FAILING:
+            problem = f"out of rotation, {worker.probe_failures} failed health probes in a row"
+        elif worker.state == STOPPED:
+            problem = "stopped"
+        else:
+            return None
+        return f"{worker.label}: {problem}"
+
+    # ----------------------------------------------------------------- what a worker runs
+
+    def _url(self, port: int) -> str:
+        host = self.config.host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def _argv(self, worker: Worker) -> list[str]:
+        argv = [_substitute(arg, worker) for arg in self.config.command]
+        if argv[0] == SELF_COMMAND:
+            argv[:1] = [sys.executable, "-m", "gateway"]
+        return argv
+
+    def _env(self, worker: Worker) -> dict[str, str]:
+        # Unbuffered, so a Python worker's output reaches the log as it is written.
+        env = {"PYTHONUNBUFFERED": "1", **os.environ}
+        env.update((key, _substitute(value, worker)) for key, value in self.config.env.items())
+        if worker.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = worker.gpu
+        return env
+
+
+def _substitute(text: str, worker: Worker) -> str:
+    # Plain replacement, not str.format: arguments may hold JSON with braces of their own.
+    return (
+        text.replace("{port}", str(worker.port))
+        .replace("{gpu}", worker.gpu if worker.gpu is not None else "")
+        .replace("{index}", str(worker.index))
+    )
+
+
+def _choose_port(
+    config: WorkerPoolUpstream, index: int, current: int | None, taken: Collection[int]
+) -> int:
+    """`port_base + index` when configured; else the worker's port so far while it is free
+    (a stable URL across restarts), or a fresh free one."""
+    if config.port_base is not None:
+        return config.port_base + index
+    if current is not None and _bind(config.host, current) is not None:
+        return current
+    while True:
+        port = _bind(config.host, 0)
+        if port is None:
+            raise OSError(f"cannot bind a port on {config.host}")
+        if port not in taken:
+            return port
+
+
+def _bind(host: str, port: int) -> int | None:
+    """The port bound on `host` (then released at once), or None if it cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.suppress(OSError), socket.create_server((host, port), family=family) as sock:
+        return sock.getsockname()[1]
+    return None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
