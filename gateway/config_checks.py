@@ -151,6 +151,10 @@ def _worker_pool(path: str, pool: WorkerPoolUpstream) -> Problems:
     yield from _positive(f"{path}.ready.timeout", pool.ready.timeout, "s")
     yield from _positive(f"{path}.ready.interval", pool.ready.interval, "s")
     yield from _positive(f"{path}.restart.backoff", pool.restart.backoff, "s")
+    if pool.restart.max_backoff < pool.restart.backoff:
+        yield Problem(f"{path}.restart.max_backoff", "must be at least restart.backoff")
+    if pool.gpus is None and any("{gpu}" in arg for arg in pool.command):
+        yield Problem(f"{path}.command", "uses {gpu}, which only 'gpus:' pools have")
 
 
 def _worker_count(path: str, pool: WorkerPoolUpstream) -> Problems:

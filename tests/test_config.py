@@ -1180,3 +1180,27 @@ def test_shipped_config_loads_cleanly(path):
     env = {name: "test-value" for name in re.findall(r"\$\{(\w+)\}", path.read_text())}
 
     assert load_config(str(path), env=env).source == str(path)
+
+
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        (
+            'command: ["w", "{port}"]\n    count: 1\n    restart: {backoff: 5s, max_backoff: 1s}',
+            "cfg.yaml:6:41: upstreams.w.restart.max_backoff: must be at least restart.backoff",
+        ),
+        (
+            'command: ["w", "{port}", "{gpu}"]\n    count: 1',
+            "cfg.yaml:4:14: upstreams.w.command: uses {gpu}, which only 'gpus:' pools have",
+        ),
+    ],
+    ids=["max-backoff-below-backoff", "gpu-placeholder-without-gpus"],
+)
+def test_worker_pool_semantic_errors(pool, message):
+    text = (
+        "upstreams:\n  w:\n    kind: worker_pool\n    " + pool + "\n"
+        "routes:\n  - {name: r, upstream: w}\n"
+    )
+    with pytest.raises(ConfigErrors) as caught:
+        load_config_text(text, "cfg.yaml", env={})
+    assert [str(e) for e in caught.value.errors] == [message]
