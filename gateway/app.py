@@ -170,8 +170,8 @@ def _file_identity(path: str) -> tuple[int, int, int] | None:
 
 
 async def _close_when_idle(runtime: Runtime) -> None:
-    while runtime.streams:
-        await asyncio.sleep(0.5)
+    """Close a runtime a reload replaced, once no request uses it any more."""
+    await runtime.idle()
     await runtime.close()
 
 

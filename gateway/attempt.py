@@ -141,6 +141,7 @@ async def open_stream(
     policy = route.retry
     held: HeldResponse | None = None
     error: GatewayError | None = None
+    retry_reason: str | None = None  # why the next try, if one happens, is a retry
     loop = asyncio.get_running_loop()
     for upstream, model in _hops(route):
         pool = pools[upstream]
@@ -153,19 +154,26 @@ async def open_stream(
                     f"upstream {upstream!r} has no endpoint in rotation"
                 )
                 break
+            if retry_reason is not None:  # a retry is a try that follows a failure
+                metrics.retries.labels(route.name, retry_reason).inc()
+                ctx.trace.retry(retry_reason)
+                retry_reason = None
             tried.add(endpoint)
             ctx.upstream, ctx.endpoint = upstream, endpoint.url
             ctx.attempts += 1
+            span = ctx.trace.attempt(upstream, endpoint.url, headers)
             try:
                 opened = await _try_once(ctx, route, pool, endpoint, body, headers)
             except AttemptFailed as failed:
-                metrics.upstream_attempts.labels(upstream, _attempt_outcome(failed)).inc()
+                outcome = _attempt_outcome(failed)
+                span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
+                metrics.upstream_attempts.labels(upstream, outcome).inc()
                 held = failed.held or held
                 error = failed.error
                 matched = _decide(failed.conditions, route)
                 if matched is None:
                     return _final(failed, held)
-                metrics.retries.labels(route.name, failed.reason).inc()
+                retry_reason = failed.reason
                 if matched == "fallback" or attempt == policy.attempts:
                     break
                 delay = backoff_delay(policy.backoff, attempt, failed.retry_after)
@@ -173,6 +181,7 @@ async def open_stream(
                     break
                 await asyncio.sleep(delay)
             else:
+                span.answered(opened.status)
                 outcome = "ok" if opened.status < 400 else "upstream_error"
                 metrics.upstream_attempts.labels(upstream, outcome).inc()
                 return opened
@@ -238,15 +247,18 @@ async def _try_once(
 ) -> Opened:
     t = route.timeouts
     loop = asyncio.get_running_loop()
-    first_chunk_deadline = loop.time() + t.connect + t.first_chunk
-    deadline = min(first_chunk_deadline, ctx.deadline)
-    timeout_condition = (
-        "first_chunk_timeout" if deadline == first_chunk_deadline else "total_timeout"
-    )
     endpoint.outstanding += 1
     response: aiohttp.ClientResponse | None = None
     try:
-        async with asyncio.timeout_at(deadline):
+        # Until the request is on the wire, connect (aiohttp's own timeout) and first_chunk
+        # share one bound; once its headers are sent, first_chunk counts from there.
+        async with asyncio.timeout_at(
+            min(loop.time() + t.connect + t.first_chunk, ctx.deadline)
+        ) as scope:
+
+            def request_sent() -> None:
+                scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
+
             assert pool.session is not None
             response = await pool.session.request(
                 ctx.method,
@@ -257,12 +269,16 @@ async def _try_once(
                 timeout=aiohttp.ClientTimeout(
                     total=None, connect=t.connect, sock_connect=t.connect
                 ),
+                trace_request_ctx=request_sent,
             )
             opened = await _read_until_commit(ctx, route, response)
     except BaseException as exc:
         if response is not None:
             response.close()
         endpoint.outstanding -= 1
+        timeout_condition = (
+            "total_timeout" if loop.time() >= ctx.deadline else "first_chunk_timeout"
+        )
         failed = _translate(exc, timeout_condition, pool.name)
         if failed is None:
             raise

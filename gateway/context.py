@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from .config import Route
+from .tracing import NULL_TRACE, NullTrace, RequestTrace
 
 _MAX_REQUEST_ID = 128
 
@@ -43,6 +44,7 @@ class RequestContext:
         "rate_remaining",
         "usage",
         "abort",
+        "trace",
     )
 
     def __init__(
@@ -82,6 +84,8 @@ class RequestContext:
         """(prompt, completion) tokens, where the upstream reported `usage`."""
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
+        self.trace: RequestTrace | NullTrace = NULL_TRACE
+        """This request's spans; the shared no-op when tracing is off."""
 
     @property
     def route_name(self) -> str:

@@ -52,8 +52,10 @@ class Proxy:
             request.remote or "",
             loop.time(),
         )
+        ctx.trace = runtime.tracing.request_span(ctx, request.headers)
         self.in_flight.add(ctx)
         self._idle.clear()
+        runtime.enter()
         try:
             if self.draining:
                 raise Draining("the gateway is shutting down")
@@ -79,7 +81,9 @@ class Proxy:
             ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
             raise
         finally:
+            ctx.trace.end(ctx)
             runtime.observe(ctx)
+            runtime.leave()
             self.in_flight.discard(ctx)
             if not self.in_flight:
                 self._idle.set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 
 from aiohttp import web
 
@@ -117,6 +118,8 @@ async def relay(
     headers = client_response_headers(opened.headers, ctx.request_id, opened.sse)
     add_rate_limit_headers(headers, ctx.rate_remaining)
     ctx.status = opened.status
+    if opened.status >= 400:
+        ctx.outcome = "upstream_error"  # an upstream's error answer, relayed as sent
     if opened.complete:
         ctx.usage = usage.from_body(opened.head)
         return await _send_whole(request, ctx, opened, headers)
@@ -158,6 +161,7 @@ class _Pump:
         "metrics",
         "gaps",
         "usage_event",
+        "_write",
         "_keepalive_task",
     )
 
@@ -180,6 +184,9 @@ class _Pump:
         self.route = route
         self.response = response
         self._keepalive_task: asyncio.Task | None = None
+        # Writes skip aiohttp's own drain: _hold_back_if_full decides when to wait, so every
+        # wait is bounded by the route's buffer, counted as a stall, and timed by slow_client.
+        self._write = partial(response._payload_writer.write, drain=False)
         keepalive = self._keepalive if (opened.sse and route.keepalive) else None
         self.clock = StreamClock(route, ctx.deadline, keepalive)
         ctx.abort = self.clock.fire
@@ -207,7 +214,7 @@ class _Pump:
         await self.response.write_eof()
 
     async def _pump_bytes(self) -> None:
-        ctx, clock, write = self.ctx, self.clock, self.response.write
+        ctx, clock, write = self.ctx, self.clock, self._write
         read = self.opened.response.content.readany
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
@@ -228,7 +235,7 @@ class _Pump:
     async def _pump_events(self) -> None:
         """Like _pump_bytes, but only whole events are written: a partial event is held
         until it completes, so an error event never lands inside another event."""
-        ctx, clock, write = self.ctx, self.clock, self.response.write
+        ctx, clock, write = self.ctx, self.clock, self._write
         read = self.opened.response.content.readany
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe

@@ -16,6 +16,7 @@ from .context import RequestContext
 from .health import HealthChecker
 from .metrics import Metrics
 from .routing import Router
+from .tracing import NO_TRACING, NoTracing, Tracing
 from .upstreams import UpstreamPool, http_pool
 from .workers import WorkerSupervisor
 
@@ -30,12 +31,19 @@ class Runtime:
         metrics: Metrics,
         admission: Admission,
         supervisors: dict[str, WorkerSupervisor] | None = None,
+        tracing: Tracing | NoTracing = NO_TRACING,
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
         self.pools = pools
         self.metrics = metrics
         self.admission = admission
+        self.tracing = tracing
+        """Spans for requests that start under this config; shut down with the runtime."""
+        self.in_flight = 0
+        """Requests that took this runtime and have not finished (a reload waits for them)."""
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.streams: set[RequestContext] = set()
         """Requests past the commit point (for /admin/streams and draining)."""
         self.access_log = AccessLog(config.telemetry.access_log == "json")
@@ -60,7 +68,8 @@ class Runtime:
         admission = await Admission.start(
             config, metrics, previous.admission if previous is not None else None
         )
-        runtime = cls(config, pools, metrics, admission, supervisors)
+        tracing = Tracing.from_config(config.telemetry.tracing)
+        runtime = cls(config, pools, metrics, admission, supervisors, tracing)
         for name, upstream in config.upstreams.items():
             if isinstance(upstream, HttpUpstream) and upstream.health is not None:
                 checker = HealthChecker(pools[name], upstream.health)
@@ -77,6 +86,20 @@ class Runtime:
         # Together: each may wait its stop_grace for workers to exit.
         await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
         await self.admission.close()
+        await self.tracing.aclose()  # flushes the last spans, from a thread
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Until no request is using this runtime."""
+        await self._idle.wait()
 
     def stream_started(self, ctx: RequestContext) -> None:
         self.streams.add(ctx)

@@ -91,6 +91,19 @@ POLICIES: dict[str, Policy] = {
 # ----------------------------------------------------------------- the pool
 
 
+async def _on_request_headers_sent(session, trace_config_ctx, params) -> None:
+    request_sent = trace_config_ctx.trace_request_ctx
+    if request_sent is not None:
+        request_sent()
+
+
+REQUEST_SENT = aiohttp.TraceConfig()
+"""Calls the request's `trace_request_ctx` once its headers are on the wire: the moment
+`timeouts.first_chunk` starts counting."""
+REQUEST_SENT.on_request_headers_sent.append(_on_request_headers_sent)
+REQUEST_SENT.freeze()
+
+
 class UpstreamPool:
     """One upstream: its endpoints, how to choose among them, and its client session."""
 
@@ -121,6 +134,7 @@ class UpstreamPool:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),  # every timeout is the route's
+            trace_configs=[REQUEST_SENT],
         )
         # aiohttp silently resends an idempotent request (GET, PUT, ...) once after a
         # disconnect. Retries are the route's policy, counted in retry.attempts; no others.
