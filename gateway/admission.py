@@ -1,9 +1,21 @@
 """Admission: rate limits first, then weighted concurrency, in the order the route lists them.
 
-Order is semantics here. Rate limits come first so that a rejected request costs nothing and
-never waits in a queue; concurrency units are then taken one limit at a time and held until
-the response's last byte is written (or the client is gone). Whatever was taken is given back
-if a later limit rejects, and on every exit path, exactly once.
+Order is semantics here. A route's limits are charged in this fixed order:
+
+1. every rate limit it lists, in the route's order: each takes one request now or rejects at
+   once (429); no queue, so a rejected request costs nothing;
+2. every concurrency limit it lists, in the route's order: each takes the request's weight in
+   units, waiting in its FIFO queue; all of them together within one `timeouts.queue`.
+
+Whatever was taken is given back, in reverse, if a later limit rejects (or the client leaves
+while queued). Units are then held until the response's last byte is written or the client is
+gone, and released exactly once on every exit path.
+
+`scope: local` limits live in this process (`WeightedSemaphore`, `LocalRateLimiter`);
+`scope: global` ones are shared through Redis (`redis_semaphore`, `redis_ratelimit`). On a
+reload, a limit that keeps its name and its scope keeps its live object, so requests in flight
+release into the same semaphore and the new config's requests queue behind them; a new capacity
+applies to it at once.
 """
 
 from __future__ import annotations
@@ -11,15 +23,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
-from .config import ConcurrencyLimit, GatewayConfig, LimitsConfig, Route
-from .metrics import Metrics
+from .config import ConcurrencyLimit, GatewayConfig, Route
 from .context import RequestContext
 from .errors import Overloaded, RateLimited
-from .ratelimit import LocalRateLimiter, RateLimiter
+from .metrics import Metrics
+from .ratelimit import LocalRateLimiter, RateLimiter, Taken
+from .redis_ratelimit import RedisRateLimiter
+from .redis_semaphore import GlobalSemaphore
+from .redis_state import RedisState
+
+
+class Semaphore(Protocol):
+    name: str
+    capacity: int
+    in_use: int
+    """Units held (on this replica)."""
+    waiting: int
+    """Requests (not units) queued (on this replica)."""
+    backend: object | None
+    """The shared state it counts in (None: this process)."""
+
+    async def acquire(self, units: int, timeout: float) -> Hashable:
+        """Take `units`, waiting in FIFO order up to `timeout` s; returns what `release` takes.
+        Raises Overloaded when the queue is full or the wait expires."""
+        ...
+
+    def release(self, held: Any) -> None: ...
+
+    def resize(self, capacity: int, max_queue: int) -> None: ...
 
 
 class WeightedSemaphore:
@@ -27,45 +63,68 @@ class WeightedSemaphore:
     (so a heavy request at the head is never starved by a flood of light ones), and gives up
     after the route's queue timeout or when `max_queue` requests are already waiting."""
 
-    def __init__(self, name: str, config: ConcurrencyLimit) -> None:
+    backend = None
+
+    def __init__(
+        self,
+        name: str,
+        config: ConcurrencyLimit,
+        observe_wait: Callable[[float], None] = lambda seconds: None,
+    ) -> None:
         self.name = name
         self.capacity = config.capacity
         self.max_queue = config.max_queue
         self.in_use = 0
+        self._observe_wait = observe_wait
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, units: int, timeout: float) -> None:
+    def resize(self, capacity: int, max_queue: int) -> None:
+        """Units in use stay held; waiters that fit the new capacity are let in."""
+        self.capacity, self.max_queue = capacity, max_queue
+        self._wake()
+
+    async def acquire(self, units: int, timeout: float) -> int:
         if not self._waiters and self.in_use + units <= self.capacity:
             self.in_use += units
-            return
+            return units
         if len(self._waiters) >= self.max_queue:
             raise Overloaded(f"concurrency limit {self.name!r} has a full queue", retry_after=1)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         entry = (units, waiter)
         self._waiters.append(entry)
+        started = loop.time()
         try:
             async with asyncio.timeout(timeout):
                 await waiter
+            return units
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 self.release(units)  # granted in the same instant it gave up
             else:
-                self._waiters.remove(entry)
-                self._wake()  # a heavy head that left may unblock lighter requests behind it
+                self._leave(entry)
             if isinstance(exc, TimeoutError):
                 raise Overloaded(
                     f"waited {timeout:g}s for concurrency limit {self.name!r}",
                     retry_after=max(1.0, timeout),
                 ) from None
             raise
+        finally:
+            self._observe_wait(loop.time() - started)
 
     def release(self, units: int) -> None:
         self.in_use -= units
         self._wake()
+
+    def _leave(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        # `_wake` may already have dropped it (it drops cancelled waiters at the head).
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(entry)
+        self._wake()  # a heavy head that left may unblock lighter requests behind it
 
     def _wake(self) -> None:
         waiters = self._waiters
@@ -81,103 +140,169 @@ class WeightedSemaphore:
             waiter.set_result(None)
 
 
+class _Plan(NamedTuple):
+    """What admission charges for one route, resolved once per config."""
+
+    rates: tuple[RateLimiter, ...]
+    slots: tuple[tuple[Semaphore, int, int], ...]
+    """(semaphore, units for a stream, units for a unary request)."""
+
+
 class Admission:
     def __init__(
         self,
-        limits: LimitsConfig,
-        semaphores: Mapping[str, WeightedSemaphore],
+        config: GatewayConfig,
+        semaphores: Mapping[str, Semaphore],
         rate_limiters: Mapping[str, RateLimiter],
+        metrics: Metrics,
+        state: RedisState | None = None,
     ) -> None:
-        self._limits = limits
         self.semaphores = semaphores
         self.rate_limiters = rate_limiters
+        self._limits = config.limits
+        self._metrics = metrics
+        self._state = state
+        self._plans = {route.name: self._plan(route) for route in config.routes}
 
     @classmethod
     async def start(
         cls, config: GatewayConfig, metrics: Metrics, previous: Admission | None = None
     ) -> Admission:
         """Build the limits of `config`. `previous` is the admission of the config being
-        replaced by a reload: limits that keep their name carry their accounting over."""
-        return cls.local(config.limits)
+        replaced by a reload: limits that keep their name and scope carry their state over."""
+        state = _shared_state(config, previous)
+        old_semaphores = previous.semaphores if previous is not None else {}
+        old_rates = previous.rate_limiters if previous is not None else {}
+        semaphores: dict[str, Semaphore] = {}
+        for name, limit in config.limits.concurrency.items():
+            backend = state if limit.scope == "global" else None
+            old = old_semaphores.get(name)
+            if old is not None and old.backend is backend:
+                old.resize(limit.capacity, limit.max_queue)
+                semaphores[name] = old
+            else:
+                semaphores[name] = _semaphore(name, limit, backend, metrics)
+        rate_limiters: dict[str, RateLimiter] = {}
+        for name, limit in config.limits.rate.items():
+            backend = state if limit.scope == "global" else None
+            old = old_rates.get(name)
+            if old is not None and old.backend is backend and old.config == limit:
+                rate_limiters[name] = old
+            elif backend is None:
+                rate_limiters[name] = LocalRateLimiter(name, limit)
+            else:
+                rate_limiters[name] = RedisRateLimiter(name, limit, backend)
+        return cls(config, semaphores, rate_limiters, metrics, state)
 
     async def close(self) -> None:
-        """Let go of shared state (Redis connections, lease renewals)."""
+        """Let go of shared state (Redis connections, lease renewals) unless the next config's
+        admission still uses it."""
+        if self._state is not None:
+            await self._state.close()
 
-    @classmethod
-    def local(cls, limits: LimitsConfig) -> Admission:
-        semaphores = {name: WeightedSemaphore(name, c) for name, c in limits.concurrency.items()}
-        rate = {name: LocalRateLimiter(name, r) for name, r in limits.rate.items()}
-        return cls(limits, semaphores, rate)
+    def _plan(self, route: Route) -> _Plan:
+        rates = tuple(self.rate_limiters[n] for n in route.limits if n in self.rate_limiters)
+        slots = tuple(
+            (self.semaphores[n], limit.weights.stream, limit.weights.unary)
+            for n in route.limits
+            if (limit := self._limits.concurrency.get(n)) is not None and n in self.semaphores
+        )
+        return _Plan(rates, slots)
 
     def weight(self, route: Route, stream: bool) -> int:
         """The largest weight any of the route's concurrency limits charges (for logs)."""
-        weights = [
-            self._units(self._limits.concurrency[name], stream)
-            for name in route.limits
-            if name in self._limits.concurrency
-        ]
-        return max(weights, default=0)
-
-    @staticmethod
-    def _units(limit: ConcurrencyLimit, stream: bool) -> int:
-        return limit.weights.stream if stream else limit.weights.unary
+        plan = self._plans.get(route.name) or self._plan(route)
+        return max((s if stream else u for _, s, u in plan.slots), default=0)
 
     @contextlib.asynccontextmanager
     async def admit(
         self, ctx: RequestContext, route: Route, request: web.BaseRequest
     ) -> AsyncIterator[None]:
-        if not route.limits:
+        plan = self._plans.get(route.name) or self._plan(route)
+        if not (plan.rates or plan.slots):
             yield
             return
-        taken_rate = await self._check_rates(ctx, route, request)
-        held: list[tuple[WeightedSemaphore, int]] = []
+        taken = await self._take_rates(ctx, route, request, plan.rates)
         try:
-            loop = asyncio.get_running_loop()
-            queue_deadline = loop.time() + route.timeouts.queue
-            for name in route.limits:
-                semaphore = self.semaphores.get(name)
-                if semaphore is None:
-                    continue
-                units = self._units(self._limits.concurrency[name], ctx.stream)
-                await semaphore.acquire(units, max(0.0, queue_deadline - loop.time()))
-                held.append((semaphore, units))
-                ctx.weight = max(ctx.weight, units)
+            held = await _take_units(ctx, route, plan.slots)
         except BaseException:
-            for limiter, key in taken_rate:
-                limiter.refund(key)
-            for semaphore, units in reversed(held):
-                semaphore.release(units)
+            for grant in taken:
+                grant.refund()
             raise
         try:
             yield
         finally:
-            for semaphore, units in reversed(held):
-                semaphore.release(units)
+            _release(held)
 
-    async def _check_rates(
-        self, ctx: RequestContext, route: Route, request: web.BaseRequest
-    ) -> list[tuple[RateLimiter, str]]:
-        taken: list[tuple[RateLimiter, str]] = []
+    async def _take_rates(
+        self,
+        ctx: RequestContext,
+        route: Route,
+        request: web.BaseRequest,
+        limiters: tuple[RateLimiter, ...],
+    ) -> list[Taken]:
+        taken: list[Taken] = []
         try:
-            for name in route.limits:
-                limiter = self.rate_limiters.get(name)
-                if limiter is None:
-                    continue
+            for limiter in limiters:
                 key = limiter.key_of(route.name, ctx.client_ip, request.headers)
                 try:
-                    remaining = await limiter.take(key)
+                    grant = await limiter.take(key)
                 except RateLimited:
                     ctx.rate_remaining = (limiter.limit, 0)
+                    self._metrics.rate_limited.labels(limiter.name).inc()
                     raise
-                taken.append((limiter, key))
-                ctx.rate_remaining = (
-                    (limiter.limit, remaining)
-                    if ctx.rate_remaining is None or remaining < ctx.rate_remaining[1]
-                    else ctx.rate_remaining
-                )
+                taken.append(grant)
+                if ctx.rate_remaining is None or grant.remaining < ctx.rate_remaining[1]:
+                    ctx.rate_remaining = (limiter.limit, grant.remaining)
         except BaseException:
-            for limiter, key in taken:
-                limiter.refund(key)
+            for grant in taken:
+                grant.refund()
             raise
         return taken
 
+
+async def _take_units(
+    ctx: RequestContext, route: Route, slots: tuple[tuple[Semaphore, int, int], ...]
+) -> list[tuple[Semaphore, Hashable]]:
+    """Each concurrency limit in turn, all within one `timeouts.queue`; all or nothing."""
+    held: list[tuple[Semaphore, Hashable]] = []
+    loop = asyncio.get_running_loop()
+    queue_deadline = loop.time() + route.timeouts.queue
+    try:
+        for semaphore, stream_units, unary_units in slots:
+            units = stream_units if ctx.stream else unary_units
+            timeout = max(0.0, queue_deadline - loop.time())
+            held.append((semaphore, await semaphore.acquire(units, timeout)))
+            ctx.weight = max(ctx.weight, units)
+    except BaseException:
+        _release(held)
+        raise
+    return held
+
+
+def _release(held: list[tuple[Semaphore, Hashable]]) -> None:
+    for semaphore, handle in reversed(held):
+        semaphore.release(handle)
+
+
+def _semaphore(
+    name: str, limit: ConcurrencyLimit, state: RedisState | None, metrics: Metrics
+) -> Semaphore:
+    def observe_wait(seconds: float) -> None:
+        metrics.queue_wait.labels(name).observe(seconds)
+
+    if state is None:
+        return WeightedSemaphore(name, limit, observe_wait)
+    return GlobalSemaphore(name, limit, state, observe_wait)
+
+
+def _shared_state(config: GatewayConfig, previous: Admission | None) -> RedisState | None:
+    """The Redis state for `config`'s global limits: the previous one when the `state` section
+    did not change (its connections and leases carry over), else a new one."""
+    limits = (*config.limits.concurrency.values(), *config.limits.rate.values())
+    if not any(limit.scope == "global" for limit in limits):
+        return None
+    old = previous._state if previous is not None else None
+    if old is not None and old.config == config.state:
+        return old.retain()
+    return RedisState(config.state)

@@ -62,7 +62,9 @@ class StateConfig:
     """Where `scope: global` limits keep their state. `memory` needs nothing else."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     on_error: Literal["fail_open", "fail_closed"] = "fail_open"
-    """When Redis is unreachable: admit (and count) or reject with 503."""
+    """When Redis is unreachable: `fail_open` keeps admitting, each replica enforcing the
+    global limits on its own (so an outage loosens a limit by at most the replica count);
+    `fail_closed` rejects with 503. Either way, Redis coming back needs no restart."""
     lease_ttl: Seconds = 10.0
     """Global concurrency units held by a dead replica come back after this long."""
 

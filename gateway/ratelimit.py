@@ -1,15 +1,22 @@
-"""Rate limits: one small protocol, an in-memory version (aiolimiter) per key.
+"""Rate limits: one small protocol, and its in-memory version (aiolimiter), one bucket per key.
 
 A rate limit never waits: a request either has capacity now or is rejected with 429 and a
-Retry-After saying when it would have. Keys come from request data (client IP, a header), so
-the in-memory key space is bounded: least recently used keys are forgotten first.
+Retry-After saying when it would have. A limit of `rate` per `per` is a bucket of `rate`
+requests that refills continuously (a burst of `rate`, then one every `per / rate`); the Redis
+version (`redis_ratelimit.py`) keeps the same bucket shape, so moving a limit between
+`scope: local` and `scope: global` changes where it is counted, not what it allows.
+
+Keys come from request data (client IP, a header), so the in-memory key space is bounded:
+least recently used keys are forgotten first.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Protocol
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple, Protocol
 
 from aiolimiter import AsyncLimiter
 from multidict import CIMultiDictProxy
@@ -20,21 +27,34 @@ from .errors import RateLimited
 ABSENT_HEADER_KEY = "<absent>"
 """Requests without the keyed header share one bucket under this name."""
 
+KeyFunction = Callable[[str, str, CIMultiDictProxy[str]], str]
+
+
+class Taken(NamedTuple):
+    """What a successful `take` hands back."""
+
+    remaining: int
+    """Requests the key may still make at once (x-ratelimit-remaining)."""
+    refund: Callable[[], None]
+    """Give the request back, because a later limit rejected it; call at most once."""
+
 
 class RateLimiter(Protocol):
     name: str
     limit: int
+    """The burst size, reported as x-ratelimit-limit."""
+    config: RateLimit
+    backend: object | None
+    """The shared state this limiter counts in (None: this process)."""
+    key_of: KeyFunction
 
-    def key_of(self, route: str, client_ip: str, headers: CIMultiDictProxy[str]) -> str: ...
-
-    async def take(self, key: str) -> int:
-        """Take one request from `key`'s allowance; returns what remains, or raises RateLimited."""
-
-    def refund(self, key: str) -> None:
-        """Give back what `take` took (a later limit rejected the request)."""
+    async def take(self, key: str) -> Taken:
+        """Take one request from `key`'s allowance now, or raise RateLimited."""
+        ...
 
 
-def key_function(key: str):
+def key_function(key: str) -> KeyFunction:
+    """`route`, `client_ip` or `header:NAME` → a function of (route, client_ip, headers)."""
     if key == "route":
         return lambda route, client_ip, headers: route
     if key == "client_ip":
@@ -43,43 +63,60 @@ def key_function(key: str):
     return lambda route, client_ip, headers: headers.get(header, ABSENT_HEADER_KEY)
 
 
+def bucket_shape(config: RateLimit) -> tuple[float, float]:
+    """(size in requests, seconds to refill it). A bucket holds at least one request, so a
+    rate below one per `per` becomes one request per the correspondingly longer period."""
+    if config.rate >= 1:
+        return config.rate, config.per
+    return 1.0, config.per / config.rate
+
+
+def rejection(name: str, config: RateLimit, retry_after_s: float) -> RateLimited:
+    return RateLimited(
+        f"rate limit {name!r} allows {config.rate:g} requests per {config.per:g}s",
+        retry_after=max(1.0, retry_after_s),
+        limit=name,
+        rate=config.rate,
+    )
+
+
 class LocalRateLimiter:
+    """In this process only: each replica counts on its own."""
+
+    backend = None
+
     def __init__(self, name: str, config: RateLimit) -> None:
         self.name = name
         self.config = config
-        self.limit = math.floor(config.rate)
+        self.limit = max(1, math.floor(config.rate))
         self.key_of = key_function(config.key)
+        self._size, self._period = bucket_shape(config)
         self._buckets: OrderedDict[str, AsyncLimiter] = OrderedDict()
+
+    async def take(self, key: str) -> Taken:
+        bucket = self._bucket(key)
+        if not bucket.has_capacity():
+            raise rejection(self.name, self.config, self._seconds_until_capacity(bucket))
+        await bucket.acquire()  # has capacity: returns without suspending
+        return Taken(max(0, math.floor(bucket.max_rate - bucket._level)), partial(_refund, bucket))
 
     def _bucket(self, key: str) -> AsyncLimiter:
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = AsyncLimiter(self.config.rate, self.config.per)
+            bucket = self._buckets[key] = AsyncLimiter(self._size, self._period)
             if len(self._buckets) > self.config.max_keys:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
         return bucket
 
-    async def take(self, key: str) -> int:
-        bucket = self._bucket(key)
-        if not bucket.has_capacity():
-            raise RateLimited(
-                f"rate limit {self.name!r} allows {self.config.rate:g} requests "
-                f"per {self.config.per:g}s",
-                retry_after=self._seconds_until_capacity(bucket),
-                limit=self.name,
-                rate=self.config.rate,
-            )
-        await bucket.acquire()  # has capacity: returns at once
-        return max(0, math.floor(bucket.max_rate - bucket._level))
-
-    def refund(self, key: str) -> None:
-        bucket = self._buckets.get(key)
-        if bucket is not None:
-            bucket._level = max(0.0, bucket._level - 1)
-
-    def _seconds_until_capacity(self, bucket: AsyncLimiter) -> float:
-        # aiolimiter leaks max_rate per time_period; one request fits when level <= max_rate - 1.
+    @staticmethod
+    def _seconds_until_capacity(bucket: AsyncLimiter) -> float:
+        # The bucket leaks max_rate per time_period; one request fits once level <= max_rate - 1.
         excess = bucket._level + 1 - bucket.max_rate
-        return max(1.0, excess * bucket.time_period / bucket.max_rate)
+        return excess * bucket.time_period / bucket.max_rate
+
+
+def _refund(bucket: AsyncLimiter) -> None:
+    # aiolimiter has no public way to give capacity back; its level is the bucket's fill.
+    bucket._level = max(0.0, bucket._level - 1)
