@@ -1,0 +1,25 @@
+"""The metric names of SPEC section 6: binding, and all a dashboard may use."""
+
+SPEC_SECTION_6 = frozenset(
+    {
+        "streamgate_requests_total",
+        "streamgate_time_to_first_chunk_seconds",
+        "streamgate_chunk_gap_seconds",
+        "streamgate_stream_duration_seconds",
+        "streamgate_chunks_per_stream",
+        "streamgate_stream_errors_total",
+        "streamgate_client_disconnects_total",
+        "streamgate_active_streams",
+        "streamgate_concurrency_in_use",
+        "streamgate_concurrency_capacity",
+        "streamgate_concurrency_waiting",
+        "streamgate_queue_wait_seconds",
+        "streamgate_rate_limited_total",
+        "streamgate_upstream_attempts_total",
+        "streamgate_retries_total",
+        "streamgate_endpoint_healthy",
+        "streamgate_backpressure_stalls_total",
+        "streamgate_worker_restarts_total",
+        "streamgate_config_reloads_total",
+    }
+)
