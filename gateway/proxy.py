@@ -22,11 +22,9 @@ from .attempt import open_stream
 from .context import RequestContext, request_id_from
 from .errors import BadRequest, Draining, GatewayError, NoRoute, RequestTooLarge, error_response
 from .headers import add_rate_limit_headers, upstream_request_headers
-from .relay import relay
+from .relay import CLIENT_CLOSED, relay
 from .routing import RequestFacts
 from .runtime import Runtime
-
-CLIENT_CLOSED = 499
 
 
 class Proxy:
@@ -77,7 +75,7 @@ class Proxy:
             response = error_response(err, ctx.request_id)
             add_rate_limit_headers(response.headers, ctx.rate_remaining)
             return response
-        except (asyncio.CancelledError, ConnectionResetError):
+        except asyncio.CancelledError:  # the client went away (handler_cancellation)
             ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
             raise
         finally:

@@ -32,6 +32,7 @@ from .headers import add_rate_limit_headers, client_response_headers
 from .metrics import ChunkGapHistogram, Metrics
 
 KEEPALIVE_COMMENT = b": keepalive\n\n"
+CLIENT_CLOSED = 499
 
 
 class StreamClock:
@@ -133,6 +134,8 @@ async def relay(
         clean = True
     except GatewayError as err:
         await pump.end_visibly(err)
+    except ConnectionResetError:  # the client went away while we wrote to it
+        ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
     finally:
         pump.clock.stop()
         opened.finish(clean)
