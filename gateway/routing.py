@@ -1,10 +1,12 @@
 """Ordered first-match routing, compiled once per config.
 
 Routes are tried in file order and the first whose every `match` field holds wins. To keep
-the cost flat as routes grow, each route is indexed by the only field every request has, its
-path: exact paths in a dict, prefixes in a dict per prefix length, and routes without a path
-in a list. A request looks up its own path (one dict probe per distinct prefix length), and
-only those candidates, merged back into file order, have their other fields checked.
+the cost flat as routes grow, routes are indexed twice:
+- by path: exact paths in a dict, prefixes in a dict per prefix length, routes without a
+  path in a list; a request probes its own path once per distinct prefix length;
+- then, among those, by the literal start of their `model` glob (`tenant-7-*` under
+  `tenant-7-`), the same way, so a thousand tenants on one path cost a few dict probes.
+Only the candidates found, merged back into file order, have their other fields checked.
 """
 
 from __future__ import annotations
@@ -74,6 +76,55 @@ class CompiledRoute:
         return None
 
 
+class ModelIndex:
+    """The routes of one path, indexed by the literal prefix of their `model` glob."""
+
+    __slots__ = ("_any_model", "_exact", "_prefixed", "_lengths", "_unindexed")
+
+    def __init__(self, routes: tuple[CompiledRoute, ...]) -> None:
+        self._any_model: list[CompiledRoute] = []  # no model constraint
+        self._exact: dict[str, list[CompiledRoute]] = {}  # a glob with no wildcard
+        self._prefixed: dict[str, list[CompiledRoute]] = {}
+        self._unindexed: list[CompiledRoute] = []  # a glob that starts with a wildcard
+        for cr in routes:
+            pattern = cr.route.match.model
+            if pattern is None:
+                self._any_model.append(cr)
+                continue
+            prefix, literal = _literal_prefix(pattern)
+            if literal:
+                self._exact.setdefault(prefix, []).append(cr)
+            elif prefix:
+                self._prefixed.setdefault(prefix, []).append(cr)
+            else:
+                self._unindexed.append(cr)
+        self._lengths = sorted({len(p) for p in self._prefixed})
+
+    def candidates(self, model: str | None) -> list[CompiledRoute]:
+        found = list(self._any_model)
+        if model is not None:
+            found.extend(self._exact.get(model, ()))
+            for length in self._lengths:
+                if length > len(model):
+                    break
+                found.extend(self._prefixed.get(model[:length], ()))
+            found.extend(self._unindexed)
+            found.sort(key=_file_order)
+        return found
+
+
+def _literal_prefix(pattern: str) -> tuple[str, bool]:
+    """The part of a glob before its first wildcard, and whether that is all of it."""
+    for i, char in enumerate(pattern):
+        if char in "*?[":
+            return pattern[:i], False
+    return pattern, True
+
+
+def _file_order(cr: CompiledRoute) -> int:
+    return cr.index
+
+
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.compiled = tuple(CompiledRoute(i, r) for i, r in enumerate(routes))
@@ -89,23 +140,23 @@ class Router:
             else:
                 self._any_path.append(cr)
         self._prefix_lengths = sorted({len(p) for p in self._prefix})
-        self._candidates_by_path: dict[str, tuple[CompiledRoute, ...]] = {}
+        self._by_path: dict[str, ModelIndex] = {}
 
     def match(self, facts: RequestFacts) -> Route | None:
-        for cr in self._candidates(facts.path):
+        for cr in self._index(facts.path).candidates(facts.model):
             if cr.matches(facts):
                 return cr.route
         return None
 
-    def _candidates(self, path: str) -> tuple[CompiledRoute, ...]:
-        found = self._candidates_by_path.get(path)
-        if found is None:
-            found = self._collect(path)
+    def _index(self, path: str) -> ModelIndex:
+        index = self._by_path.get(path)
+        if index is None:
+            index = ModelIndex(self._collect(path))
             # Paths come from clients, so the cache is bounded; when full it is simply reset.
-            if len(self._candidates_by_path) >= _CANDIDATE_CACHE_SIZE:
-                self._candidates_by_path.clear()
-            self._candidates_by_path[path] = found
-        return found
+            if len(self._by_path) >= _CANDIDATE_CACHE_SIZE:
+                self._by_path.clear()
+            self._by_path[path] = index
+        return index
 
     def _collect(self, path: str) -> tuple[CompiledRoute, ...]:
         found = list(self._exact.get(path, ()))
@@ -114,5 +165,5 @@ class Router:
                 break
             found.extend(self._prefix.get(path[:length], ()))
         found.extend(self._any_path)
-        found.sort(key=lambda cr: cr.index)
+        found.sort(key=_file_order)
         return tuple(found)

@@ -91,20 +91,54 @@ def _many_routes(n: int) -> Router:
     return Router(load_config_text("\n".join(lines), "many.yaml", env={}).routes)
 
 
-def test_matching_checks_only_the_routes_indexed_under_the_path():
+def test_matching_checks_only_the_routes_indexed_under_the_path_and_model():
     """Matching cost stays flat as routes grow: a request's candidates are the routes indexed
-    under its own path (and prefixes of it), never a scan of the table. The time it takes is
-    measured by loadtests/, not here."""
+    under its own path and the literal start of its model, never a scan of the table. The
+    time it takes is measured by loadtests/, not here."""
     small, large = _many_routes(10), _many_routes(1000)
     assert large.match(facts(model="x")).name == "last"
     assert large.match(facts(path="/t500/chat", model="m500-a")).name == "r500"
     assert large.match(facts(path="/tenant/7/chat")).name == "prefix"
     for router in (small, large):
-        assert [cr.route.name for cr in router._candidates("/v1/chat/completions")] == ["last"]
-        assert [cr.route.name for cr in router._candidates("/t5/chat")] == ["r5"]
+        assert [cr.route.name for cr in router._index("/v1/chat/completions").candidates("x")] == ["last"]
+        assert [cr.route.name for cr in router._index("/t5/chat").candidates("m5-x")] == ["r5"]
+    tenants = _tenant_routes(1000)
+    assert tenants.match(facts(model="tenant-500-llama")).name == "t500"
+    assert tenants.match(facts(model="other")).name == "wildcard-first"
+    names = [cr.route.name for cr in tenants._index("/v1/chat/completions").candidates("tenant-7-x")]
+    assert names == ["t7", "wildcard-first", "fallback"]
+
+
+def _tenant_routes(n: int) -> Router:
+    """n routes on one path told apart by model, then a wildcard-first glob and a catch-all."""
+    lines = ["upstreams:", '  u: {kind: http, endpoints: [{url: "http://127.0.0.1:1"}]}', "routes:"]
+    for i in range(n):
+        lines.append(f"  - {{name: t{i}, upstream: u, match: {{path_prefix: /v1/, model: 'tenant-{i}-*'}}}}")
+    lines.append("  - {name: wildcard-first, upstream: u, match: {path_prefix: /v1/, model: '*'}}")
+    lines.append("  - {name: fallback, upstream: u, match: {path_prefix: /v1/}}")
+    return Router(load_config_text("\n".join(lines), "tenants.yaml", env={}).routes)
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [("llama-3", "glob"), ("llama", "literal"), ("llamb", "class"), ("x-llama", "suffix"), (None, "any")],
+)
+def test_model_globs_of_every_shape_keep_file_order(model, expected):
+    config = """
+upstreams:
+  u: {kind: http, endpoints: [{url: "http://127.0.0.1:1"}]}
+routes:
+  - {name: glob, upstream: u, match: {model: "llama-*"}}
+  - {name: literal, upstream: u, match: {model: "llama"}}
+  - {name: class, upstream: u, match: {model: "llam[ab]"}}
+  - {name: suffix, upstream: u, match: {model: "*-llama"}}
+  - {name: any, upstream: u, match: {}}
+"""
+    router = Router(load_config_text(config, "shapes.yaml", env={}).routes)
+    assert router.match(facts(model=model)).name == expected
 
 
 def test_the_candidate_cache_is_bounded(router):
     for i in range(10_000):
         router.match(facts(path=f"/v1/x{i}"))
-    assert len(router._candidates_by_path) <= 4096
+    assert len(router._by_path) <= 4096
