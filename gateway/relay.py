@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from functools import partial
 
 from aiohttp import web
 
@@ -125,7 +124,9 @@ async def relay(
         ctx.usage = usage.from_body(opened.head)
         return await _send_whole(request, ctx, opened, headers)
     response = web.StreamResponse(status=opened.status, headers=headers)
-    await response.prepare(request)  # the commit point: headers go out with the first chunk
+    # The commit point. Headers stay buffered until the first chunk, and go out with it.
+    response._send_headers_immediately = False
+    await response.prepare(request)
     ctx.first_chunk_at = asyncio.get_running_loop().time()
     pump = _Pump(request, ctx, opened, route, response, metrics)
     clean = False
@@ -154,6 +155,15 @@ async def _send_whole(
 
 
 class _Pump:
+    """Moves one committed body from the upstream to the client.
+
+    The first write goes through aiohttp's writer, which sends it in one piece with the
+    buffered status line and headers. After that, each chunk is framed here and written
+    straight to the client's transport: no coroutine per chunk, and no wait unless the
+    transport holds more than the route's buffer (`_hold_back`). So the only await per chunk
+    is the upstream read, and the clock's phase only changes in the slow path.
+    """
+
     __slots__ = (
         "request",
         "ctx",
@@ -164,7 +174,7 @@ class _Pump:
         "metrics",
         "gaps",
         "usage_event",
-        "_write",
+        "transport",
         "_keepalive_task",
     )
 
@@ -186,15 +196,15 @@ class _Pump:
         self.opened = opened
         self.route = route
         self.response = response
+        self.transport = request.transport
         self._keepalive_task: asyncio.Task | None = None
-        # Writes skip aiohttp's own drain: _hold_back_if_full decides when to wait, so every
-        # wait is bounded by the route's buffer, counted as a stall, and timed by slow_client.
-        self._write = partial(response._payload_writer.write, drain=False)
         keepalive = self._keepalive if (opened.sse and route.keepalive) else None
         self.clock = StreamClock(route, ctx.deadline, keepalive)
         ctx.abort = self.clock.fire
 
     async def run(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client went away")
         try:
             if self.opened.sse:
                 await self._pump_events()
@@ -216,77 +226,102 @@ class _Pump:
             ) from exc
         await self.response.write_eof()
 
+    async def _write_first(self, data: bytes) -> None:
+        writer = self.response._payload_writer  # aiohttp has no public "flush headers with"
+        if data:
+            await writer.write(data, drain=False)
+        else:
+            writer.send_headers()
+
     async def _pump_bytes(self) -> None:
-        ctx, clock, write = self.ctx, self.clock, self._write
+        ctx, clock, transport = self.ctx, self.clock, self.transport
+        write, is_closing = transport.write, transport.is_closing
+        buffered = transport.get_write_buffer_size
+        chunked = self.response._payload_writer.chunked  # set by prepare() for HTTP/1.1
         read = self.opened.response.content.readany
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
         data = self.opened.head
-        arrived = time()
-        while data:
-            clock.reading, clock.since = False, arrived
-            await write(data)
-            ctx.chunks += 1
-            ctx.bytes += len(data)
-            await self._hold_back_if_full()
-            clock.reading, clock.since = True, time()
-            data = await read()
+        await self._write_first(data)
+        ctx.chunks, ctx.bytes = 1, len(data)
+        arrived = clock.since = time()
+        while data := await read():
             now = time()
             observe_gap(gaps, now - arrived)
-            arrived = now
+            arrived = clock.since = now
+            if is_closing():
+                raise ConnectionResetError("the client went away")
+            write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            ctx.chunks += 1
+            ctx.bytes += len(data)
+            if buffered():
+                await self._hold_back()
+            elif ctx.buffered_chunks:
+                ctx.buffered_chunks = 0
 
     async def _pump_events(self) -> None:
         """Like _pump_bytes, but only whole events are written: a partial event is held
         until it completes, so an error event never lands inside another event."""
-        ctx, clock, write = self.ctx, self.clock, self._write
+        ctx, clock, transport = self.ctx, self.clock, self.transport
+        write, is_closing = transport.write, transport.is_closing
+        buffered = transport.get_write_buffer_size
+        chunked = self.response._payload_writer.chunked  # set by prepare() for HTTP/1.1
         read = self.opened.response.content.readany
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
-        data = self.opened.head
-        sep = sse.separator_of(data)
-        tail = b""
-        arrived = time()
-        while data:
+        sep = sse.separator_of(self.opened.head)
+        data, tail = sse.split_complete(self.opened.head, sep)
+        await self._write_first(data)
+        ctx.chunks, ctx.bytes = data.count(sep), len(data)
+        if b'"usage"' in data:
+            self.usage_event = data
+        arrived = clock.since = time()
+        while data := await read():
+            now = time()
+            observe_gap(gaps, now - arrived)
+            arrived = clock.since = now
             if tail:
                 data = tail + data
             cut = data.rfind(sep)
             if cut < 0:
                 tail = data
+                continue
+            end = cut + len(sep)
+            if end < len(data):
+                data, tail = data[:end], data[end:]
             else:
-                end = cut + len(sep)
-                tail = data[end:] if end < len(data) else b""
-                if tail:
-                    data = data[:end]
-                clock.reading, clock.since = False, arrived
-                await write(data)
-                ctx.chunks += data.count(sep)
-                ctx.bytes += len(data)
-                if b'"usage"' in data:
-                    self.usage_event = data
-                await self._hold_back_if_full()
-            clock.reading, clock.since = True, time()
-            data = await read()
-            now = time()
-            observe_gap(gaps, now - arrived)
-            arrived = now
+                tail = b""
+            if is_closing():
+                raise ConnectionResetError("the client went away")
+            write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+            ctx.chunks += data.count(sep)
+            ctx.bytes += len(data)
+            if b'"usage"' in data:
+                self.usage_event = data
+            if buffered():
+                await self._hold_back()
+            elif ctx.buffered_chunks:
+                ctx.buffered_chunks = 0
         if self.usage_event:
             ctx.usage = usage.from_sse(self.usage_event, sep)
         if tail:  # the upstream ended inside an event: relayed as sent, nothing invented
-            await write(tail)
+            await self.response.write(tail)
             ctx.bytes += len(tail)
 
-    async def _hold_back_if_full(self) -> None:
-        transport = self.request.transport
-        pending = transport.get_write_buffer_size() if transport is not None else 0
-        if not pending:
-            self.ctx.buffered_chunks = 0
+    async def _hold_back(self) -> None:
+        """The client's transport has bytes waiting: count the chunk, and past the route's
+        buffer stop reading from the upstream until the client has drained it all."""
+        ctx, buffer = self.ctx, self.route.buffer
+        ctx.buffered_chunks += 1
+        pending = self.transport.get_write_buffer_size()
+        if ctx.buffered_chunks < buffer.chunks and pending < buffer.bytes:
             return
-        self.ctx.buffered_chunks += 1
-        buffer = self.route.buffer
-        if self.ctx.buffered_chunks >= buffer.chunks or pending >= buffer.bytes:
-            self.metrics.backpressure_stalls.labels(self.route.name).inc()
-            await _drained(self.response, transport)
-            self.ctx.buffered_chunks = 0
+        self.metrics.backpressure_stalls.labels(self.route.name).inc()
+        clock = self.clock
+        clock.reading, clock.since = False, clock._loop.time()  # slow_client applies
+        await _drained(self.response, self.transport)
+        clock.reading, clock.since = True, clock._loop.time()
+        ctx.buffered_chunks = 0
 
     def _keepalive(self) -> None:
         if self._keepalive_task is None or self._keepalive_task.done():

@@ -178,11 +178,11 @@ async def test_a_completed_stream_is_counted_once_with_config_labels(
     assert s("streamgate_time_to_first_chunk_seconds_count") == {R_UP: 1.0}
     assert s("streamgate_stream_duration_seconds_count") == {"outcome=completed,route=r": 1.0}
     assert s.value("streamgate_stream_duration_seconds_sum", "outcome=completed,route=r") >= 0.3
-    # role+a (one read, the head), b, usage, [DONE]: four reads, each followed by one gap;
-    # the 0.3 s sleep is the only gap over 250 ms.
-    assert s("streamgate_chunk_gap_seconds_count") == {R: 4.0}
-    assert s.bucket("streamgate_chunk_gap_seconds", R, 0.25) == 3.0
-    assert s.bucket("streamgate_chunk_gap_seconds", R, float("inf")) == 4.0
+    # role+a (one read, the head), b, usage, [DONE]: four reads, so three gaps between them
+    # (the end of the body is not a chunk); the 0.3 s sleep is the only gap over 250 ms.
+    assert s("streamgate_chunk_gap_seconds_count") == {R: 3.0}
+    assert s.bucket("streamgate_chunk_gap_seconds", R, 0.25) == 2.0
+    assert s.bucket("streamgate_chunk_gap_seconds", R, float("inf")) == 3.0
     assert s.value("streamgate_chunk_gap_seconds_sum", R) >= 0.3
     # Chunks are SSE events: role, a, b, usage, [DONE].
     assert s("streamgate_chunks_per_stream_count") == {R: 1.0}
