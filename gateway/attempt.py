@@ -43,7 +43,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .metrics import Metrics
-from .upstreams import Endpoint, UpstreamPool
+from .upstreams import REQUEST_SENT, Endpoint, UpstreamPool
 
 ERROR_BODY_LIMIT = 256 * 1024
 """An upstream error body larger than this is relayed as a stream, not inspected."""
@@ -155,7 +155,7 @@ async def open_stream(
                 )
                 break
             if retry_reason is not None:  # a retry is a try that follows a failure
-                metrics.retries.labels(route.name, retry_reason).inc()
+                metrics.child(metrics.retries, route.name, retry_reason).inc()
                 ctx.trace.retry(retry_reason)
                 retry_reason = None
             tried.add(endpoint)
@@ -167,7 +167,7 @@ async def open_stream(
             except AttemptFailed as failed:
                 outcome = _attempt_outcome(failed)
                 span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
-                metrics.upstream_attempts.labels(upstream, outcome).inc()
+                metrics.child(metrics.upstream_attempts, upstream, outcome).inc()
                 held = failed.held or held
                 error = failed.error
                 matched = _decide(failed.conditions, route)
@@ -183,7 +183,7 @@ async def open_stream(
             else:
                 span.answered(opened.status)
                 outcome = "ok" if opened.status < 400 else "upstream_error"
-                metrics.upstream_attempts.labels(upstream, outcome).inc()
+                metrics.child(metrics.upstream_attempts, upstream, outcome).inc()
                 return opened
         if loop.time() >= ctx.deadline:
             break
@@ -260,17 +260,20 @@ async def _try_once(
                 scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
 
             assert pool.session is not None
-            response = await pool.session.request(
-                ctx.method,
-                URL(endpoint.url + ctx.path, encoded=True),
-                data=body or None,
-                headers=_with_configured(headers, pool),
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    total=None, connect=t.connect, sock_connect=t.connect
-                ),
-                trace_request_ctx=request_sent,
-            )
+            sent = REQUEST_SENT.set(request_sent)
+            try:
+                response = await pool.session.request(
+                    ctx.method,
+                    URL(endpoint.url + ctx.path, encoded=True),
+                    data=body or None,
+                    headers=_with_configured(headers, pool),
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, connect=t.connect, sock_connect=t.connect
+                    ),
+                )
+            finally:
+                REQUEST_SENT.reset(sent)
             opened = await _read_until_commit(ctx, route, response)
     except BaseException as exc:
         if response is not None:

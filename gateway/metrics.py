@@ -202,3 +202,13 @@ class Metrics:
             registry=r,
         )
         r.register(StateCollector(runtime))
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, memoized: prometheus_client takes a lock and builds
+        tuples on every call. Label values come from the config, so this stays small."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

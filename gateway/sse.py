@@ -37,6 +37,8 @@ def has_content(events: bytes, sep: bytes) -> bool:
 
 
 def _event_has_content(event: bytes) -> bool:
+    if _has_nonempty_content(event):
+        return True  # the common first token, judged without parsing JSON
     data_lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     if not data_lines:
         return False  # comments, or an event with no data
@@ -67,3 +69,17 @@ def _choice_has_content(choice: object) -> bool:
         or delta.get("refusal")
         or delta.get("reasoning_content")
     )
+
+
+_CONTENT_KEY = b'"content":'
+
+
+def _has_nonempty_content(event: bytes) -> bool:
+    """A `"content": "x..."` pair with a non-empty string, by bytes alone."""
+    at = event.find(_CONTENT_KEY)
+    while at >= 0:
+        value = event[at + len(_CONTENT_KEY) :].lstrip(b" ")
+        if value[:1] == b'"' and value[1:2] not in (b'"', b""):
+            return True
+        at = event.find(_CONTENT_KEY, at + 1)
+    return False

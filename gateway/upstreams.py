@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 
 import aiohttp
 
@@ -91,17 +92,19 @@ POLICIES: dict[str, Policy] = {
 # ----------------------------------------------------------------- the pool
 
 
-async def _on_request_headers_sent(session, trace_config_ctx, params) -> None:
-    request_sent = trace_config_ctx.trace_request_ctx
-    if request_sent is not None:
-        request_sent()
+REQUEST_SENT: ContextVar[Callable[[], None] | None] = ContextVar("request_sent", default=None)
+"""Set by the try in progress: called once its connection is ready, which is when its request
+goes out and `timeouts.first_chunk` starts counting."""
 
 
-REQUEST_SENT = aiohttp.TraceConfig()
-"""Calls the request's `trace_request_ctx` once its headers are on the wire: the moment
-`timeouts.first_chunk` starts counting."""
-REQUEST_SENT.on_request_headers_sent.append(_on_request_headers_sent)
-REQUEST_SENT.freeze()
+class _Connector(aiohttp.TCPConnector):
+    # A context variable read here costs far less per request than aiohttp's trace hooks.
+    async def connect(self, req, traces, timeout):
+        connection = await super().connect(req, traces, timeout)
+        request_sent = REQUEST_SENT.get()
+        if request_sent is not None:
+            request_sent()
+        return connection
 
 
 class UpstreamPool:
@@ -123,7 +126,7 @@ class UpstreamPool:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
+        connector = _Connector(
             limit=self.config.max_connections,
             limit_per_host=0,
             ttl_dns_cache=60,
@@ -134,7 +137,6 @@ class UpstreamPool:
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),  # every timeout is the route's
-            trace_configs=[REQUEST_SENT],
         )
         # aiohttp silently resends an idempotent request (GET, PUT, ...) once after a
         # disconnect. Retries are the route's policy, counted in retry.attempts; no others.
