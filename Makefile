@@ -19,7 +19,11 @@ run: $(BIN)/.installed  ## start the demo gateway on config/gateway.yaml (Ctrl-C
 test: $(BIN)/.installed  ## run the whole test suite
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
-bench: $(BIN)/.installed  ## run the standard load test set (under 10 minutes)
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed  ## run the standard load test set (about 4 minutes); nginx and wrk from apt if present
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m loadtests
 
 lint: $(BIN)/.installed

@@ -1,0 +1,1 @@
+"""Load tests for streamgate: `python -m loadtests --help`."""

@@ -1,0 +1,9 @@
+"""The scenarios, in the order the standard set runs them. Each module has KEY, TITLE and
+`async def run(bench) -> ScenarioResult`."""
+
+from __future__ import annotations
+
+from . import ceiling, cpu_per_chunk, disconnect, memory, routing, stream_rate, ttfc
+
+SCENARIOS = {m.KEY: m for m in (ceiling, ttfc, cpu_per_chunk, stream_rate, memory, disconnect,
+                                routing)}
