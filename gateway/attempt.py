@@ -250,8 +250,8 @@ async def _try_once(
     endpoint.outstanding += 1
     response: aiohttp.ClientResponse | None = None
     try:
-        # Until the request is on the wire, connect (aiohttp's own timeout) and first_chunk
-        # share one bound; once its headers are sent, first_chunk counts from there.
+        # Until the connection is ready, connect (aiohttp's own timeout) and first_chunk share
+        # one bound; then the request goes out and first_chunk counts from there.
         async with asyncio.timeout_at(
             min(loop.time() + t.connect + t.first_chunk, ctx.deadline)
         ) as scope:

@@ -11,8 +11,8 @@ write buffer is the bounded buffer between them. When it holds `buffer.chunks` c
 backpressure reaches the backend and memory per stream stays bounded.
 
 Deadlines (`chunk_gap`, `slow_client`, `total`, `keepalive`) are kept by one `StreamClock`
-timer per stream, not a timeout object per await: the pump only stores the time at each
-phase change, and the timer wakes at the earliest deadline to re-arm or to end the stream.
+timer per stream, not a timeout object per await: the pump only stores the time each chunk
+arrives, and the timer wakes at the earliest deadline to re-arm or to end the stream.
 """
 
 from __future__ import annotations
