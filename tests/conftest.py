@@ -60,6 +60,11 @@ def config_yaml(
     )
 
 
+def http_upstream(name: str, url: str) -> str:
+    """One more `kind: http` upstream, for `config_yaml(extra_upstreams=...)`."""
+    return f'{name}: {{kind: http, endpoints: [{{url: "{url}"}}]}}\n'
+
+
 @pytest.fixture
 async def start_gateway():
     running: list[Gateway] = []

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
 from gateway.config_loader import load_config
-from tests.conftest import chat_body, config_yaml
+from tests.conftest import chat_body, config_yaml, http_upstream
 from tests.support.scripted_upstream import (
     Close,
     NoResponse,
@@ -440,7 +440,7 @@ async def test_moving_to_a_fallback_counts_as_a_retry(start_gateway, client):
         cfg = config_yaml(
             primary.url,
             route=FAST_RETRY + "fallbacks: [backup]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw, observed = await start(start_gateway, cfg)
         assert (await _chat(client, gw.url))[0] == 200

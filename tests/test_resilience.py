@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import chat_body, config_yaml
+from tests.conftest import chat_body, config_yaml, http_upstream
 from tests.support.scripted_upstream import (
     Close,
     NoResponse,
@@ -113,7 +113,7 @@ async def test_persistent_503_moves_to_the_fallback(start_gateway, client):
         cfg = config_yaml(
             primary.url,
             route=FAST_RETRY + "fallbacks: [backup]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         resp, body = await _chat(client, gw)
@@ -152,7 +152,7 @@ async def test_role_only_delta_then_stall_is_failed_over(start_gateway, client):
             primary.url,
             route="timeouts: {first_chunk: 200ms}\nfallbacks: [backup]\n"
             "retry: {fallback_on: [first_chunk_timeout]}\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         resp, body = await _chat(client, gw)
@@ -195,7 +195,7 @@ async def test_context_length_exceeded_goes_to_the_fallback_never_the_same_model
         cfg = config_yaml(
             primary.url,
             route=FAST_RETRY + "fallbacks: [backup]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         resp, _ = await _chat(client, gw)
@@ -214,7 +214,7 @@ async def test_content_policy_400_passes_through_after_one_attempt(start_gateway
         cfg = config_yaml(
             primary.url,
             route=FAST_RETRY + "fallbacks: [backup]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         resp, body = await _chat(client, gw)
@@ -231,7 +231,7 @@ async def test_fallback_rewrites_the_model_and_the_response_names_the_fallbacks(
         cfg = config_yaml(
             primary.url,
             route="retry: {attempts: 1}\nfallbacks: [{upstream: backup, model: small-model}]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         resp, body = await _chat(client, gw, model="big-model")
@@ -258,7 +258,7 @@ async def test_flapping_primary_is_ejected_then_used_again_after_cooldown(start_
             primary.url,
             upstream="eject: {consecutive_failures: 2, cooldown: 300ms}\n",
             route="retry: {attempts: 1}\nfallbacks: [backup]\n",
-            extra_upstreams=f'backup: {{kind: http, endpoints: [{{url: "{fallback.url}"}}]}}\n',
+            extra_upstreams=http_upstream("backup", fallback.url),
         )
         gw = await start_gateway(cfg)
         for _ in range(2):  # two failures eject the primary
