@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -57,7 +56,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def config(request: web.Request) -> web.Response:
     gateway: Gateway = request.app[GATEWAY]
-    return web.json_response(redacted_config(dataclasses.asdict(gateway.runtime.config)))
+    return web.json_response(redacted_config(gateway.runtime.config))
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -1,32 +1,42 @@
 """Secrets out of anything an operator can read: /admin/config, explain, logs.
 
-Upstream header values can carry credentials (`Authorization: Bearer ...`), and Redis URLs can
-carry a password; both are replaced before the config leaves the process.
+Upstream header values can carry credentials (`Authorization: Bearer ...`), worker `env`
+values can carry tokens, and Redis URLs can carry a password; all are replaced before the
+config leaves the process. Route `match` values are not secrets and are shown.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from .config import GatewayConfig
 
 REDACTED = "<redacted>"
 
 
-def redacted_config(tree: Any) -> Any:
-    """A JSON-ready copy of `dataclasses.asdict(config)` with secrets replaced."""
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            if key in ("headers", "env") and isinstance(value, dict):
-                out[key] = {name: REDACTED for name in value}
-            elif key == "redis_url" and isinstance(value, str):
-                out[key] = redacted_url(value)
-            else:
-                out[key] = redacted_config(value)
-        return out
-    if isinstance(tree, (list, tuple)):
-        return [redacted_config(v) for v in tree]
+def redacted_config(config: GatewayConfig) -> dict[str, Any]:
+    """The effective config as JSON-ready data, secrets replaced."""
+    tree = _plain(config)
+    for upstream in tree["upstreams"].values():
+        for key in ("headers", "env"):
+            if key in upstream:
+                upstream[key] = {name: REDACTED for name in upstream[key]}
+    tree["state"]["redis_url"] = redacted_url(tree["state"]["redis_url"])
     return tree
+
+
+def _plain(value: Any) -> Any:
+    # dataclasses.asdict cannot copy the frozen mappings (MappingProxyType) the config holds.
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def redacted_url(url: str) -> str:
