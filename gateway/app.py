@@ -111,7 +111,16 @@ class Gateway:
             return messages
         old = self.runtime
         assert self.proxy is not None
-        self.proxy.runtime = await Runtime.start(config, self.metrics, previous=old)
+        try:
+            runtime = await Runtime.start(config, self.metrics, previous=old)
+        except Exception as exc:  # e.g. a worker pool that cannot start: keep the old one
+            self.metrics.config_reloads.labels("error").inc()
+            log.exception("reload rejected: the new config could not be started")
+            return [f"{self.config_path}: the new config could not be started: {exc}"]
+        for section in ("server", "admin"):
+            if getattr(config, section).listen != getattr(self.config, section).listen:
+                log.warning("%s.listen changed: it takes effect on restart", section)
+        self.proxy.runtime = runtime
         self.config = config
         self.metrics.config_reloads.labels("ok").inc()
         log.info("config reloaded from %s", self.config_path)

@@ -203,3 +203,16 @@ async def test_drain_past_the_grace_period_ends_streams_with_an_error_event(tmp_
             assert await asyncio.wait_for(gw.proc.wait(), 10) == 0
         finally:
             await gw.stop()
+
+
+async def test_a_reload_that_moves_the_listener_says_it_needs_a_restart(in_process, tmp_path, caplog):
+    async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
+        up.default = Respond(json={})
+        path = tmp_path / "gw.yaml"
+        write_config(path, up.url)
+        gateway, url, admin = await in_process(path)
+        path.write_text(path.read_text().replace("listen: 127.0.0.1:0, shutdown_grace", "listen: 127.0.0.1:1, shutdown_grace"))
+        async with session.post(admin + "/admin/reload") as resp:
+            assert resp.status == 200
+        assert "server.listen changed: it takes effect on restart" in caplog.text
+        assert await _status(session, url + "/x") == 200  # still serving where it was
