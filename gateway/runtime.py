@@ -55,20 +55,34 @@ class Runtime:
     async def start(
         cls, config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
     ) -> Runtime:
-        """Build everything `config` names. On reload, `previous` hands over what may be kept."""
+        """Build everything `config` names. On reload, `previous` hands over what may be kept,
+        but only once the new runtime is whole: if any part fails to start, what was started
+        is stopped and `previous` keeps everything it had."""
         pools = {
             name: http_pool(name, upstream)
             for name, upstream in config.upstreams.items()
             if isinstance(upstream, HttpUpstream)
         }
-        for pool in pools.values():
-            await pool.start()
-        supervisors = await _start_worker_pools(config, metrics, previous)
+        kept = previous.supervisors if previous is not None else {}
+        supervisors: dict[str, WorkerSupervisor] = {}
+        try:
+            for pool in pools.values():
+                await pool.start()
+            await _start_worker_pools(config, metrics, kept, supervisors)
+            admission = await Admission.start(
+                config, metrics, previous.admission if previous is not None else None
+            )
+            tracing = Tracing.from_config(config.telemetry.tracing)
+        except BaseException:
+            for pool in pools.values():
+                await pool.close()
+            started = [s for name, s in supervisors.items() if kept.get(name) is not s]
+            await asyncio.gather(*(s.stop() for s in started))
+            raise
+        for name, supervisor in supervisors.items():
+            if kept.get(name) is supervisor:
+                del kept[name]  # taken over: the old runtime must not stop it
         pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
-        admission = await Admission.start(
-            config, metrics, previous.admission if previous is not None else None
-        )
-        tracing = Tracing.from_config(config.telemetry.tracing)
         runtime = cls(config, pools, metrics, admission, supervisors, tracing)
         for name, upstream in config.upstreams.items():
             if isinstance(upstream, HttpUpstream) and upstream.health is not None:
@@ -141,19 +155,19 @@ class Runtime:
 
 
 async def _start_worker_pools(
-    config: GatewayConfig, metrics: Metrics, previous: Runtime | None
-) -> dict[str, WorkerSupervisor]:
-    """A started supervisor per `worker_pool` upstream. On reload, one whose definition is
-    unchanged is taken over from `previous` with its workers running; `previous` stops those
-    it keeps (pools removed or changed) when it closes, once its streams are done."""
-    kept = previous.supervisors if previous is not None else {}
-    supervisors: dict[str, WorkerSupervisor] = {}
+    config: GatewayConfig,
+    metrics: Metrics,
+    kept: dict[str, WorkerSupervisor],
+    supervisors: dict[str, WorkerSupervisor],
+) -> None:
+    """Fill `supervisors` with one started supervisor per `worker_pool` upstream. One whose
+    definition is unchanged in `kept` (the previous runtime's) is reused with its workers
+    running; the previous runtime stops the others when it closes, once its streams are done."""
     for name, upstream in config.upstreams.items():
         if not isinstance(upstream, WorkerPoolUpstream):
             continue
         if name in kept and kept[name].config == upstream:
-            supervisors[name] = kept.pop(name)
+            supervisors[name] = kept[name]
         else:
             supervisors[name] = WorkerSupervisor(name, upstream, metrics)
             await supervisors[name].start()
-    return supervisors
