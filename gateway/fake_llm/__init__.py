@@ -1,0 +1,52 @@
+"""`streamgate fake-llm`: the bundled reference worker.
+
+An OpenAI-compatible server that streams deterministic tokens at a configurable pace and
+fails on demand, so that the gateway's timeouts, retries, commit point and disconnect
+handling can be driven for real: by the demo, the worker-pool example, tests and load tests.
+
+Behaviour worth knowing when writing tests against it:
+
+- The token text depends only on the request's `model` and `messages` (or `prompt`); the
+  first k tokens are the same whatever the token count, stream flag or knobs.
+- Chat streams send the role-only delta at once, together with the headers; `ttft` is the
+  wait before the first *content* token. `/v1/completions` streams have no such preamble.
+- `stall_after N` / `reset_after N` count content tokens: N tokens, then silence until the
+  client leaves, or a TCP RST. N == 0 fails before the first content token; N >= tokens never
+  fires. For unary requests N == 0 fails before any byte is sent, N > 0 after the headers and
+  half of the body (a truncated body, as a crashed backend would leave it).
+- `fail_status` answers at once, with an OpenAI-style error body and `Retry-After` when asked.
+- A request's JSON may override every knob: `"fake": {"ttft": 0.5, "tokens": 20, ...}`.
+- `max_tokens` caps the token count (finish_reason `length`), as a real backend does.
+
+Built for load tests: every byte of an event except the token is encoded once per request,
+and each event goes out as its own HTTP chunk, with no per-chunk logging or bookkeeping.
+
+The modules, bottom up: `knobs` (what a completion does), `completion` (its tokens and
+encodings), `stats`, `faults` (error answers, stalls, resets), `generate` (the completion
+endpoints), `app` (routes and the other endpoints), `cli` (flags, serve, main).
+"""
+
+from .app import MODEL, build_app
+from .cli import main, serve
+from .completion import CHAT, TEXT, VOCAB, Completion, Dialect
+from .faults import error_response
+from .generate import KNOBS, STATS
+from .knobs import Knobs
+from .stats import Stats
+
+__all__ = [
+    "CHAT",
+    "KNOBS",
+    "MODEL",
+    "STATS",
+    "TEXT",
+    "VOCAB",
+    "Completion",
+    "Dialect",
+    "Knobs",
+    "Stats",
+    "build_app",
+    "error_response",
+    "main",
+    "serve",
+]

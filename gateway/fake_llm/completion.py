@@ -1,0 +1,181 @@
+"""One request's deterministic answer, in the chat or text dialect, pre-encoded for streaming.
+
+The token text depends only on the request's `model` and prompt. Every byte of an event except
+the token is encoded once per request: `Completion.token_events` splits one template around
+the token, so the per-token work is picking a ready-made event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .knobs import is_count
+
+
+def _json(value: Any) -> bytes:
+    # Compact UTF-8, as real backends send it (not \\u escapes).
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# fmt: off
+VOCAB = (
+    "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "lazy ", "dog ",
+    "stream ", "token ", "gateway ", "proxy ", "model ", "answer ", "vector ", "signal ",
+    "river ", "mountain ", "window ", "garden ", "silver ", "copper ", "orbit ", "harbor ",
+    "lantern ", "meadow ", "engine ", "circuit ", "thunder ", "pebble ", "canvas ", "marble ",
+    "echo ", "falcon ", "glacier ", "horizon ", "island ", "jungle ", "kernel ", "ladder ",
+    "mirror ", "nectar ", "oasis ", "prism ", "quartz ", "rocket ", "saddle ", "timber ",
+    "umbrella ", "velvet ", "willow ", "xenon ", "yonder ", "zephyr ", "and ", "of ",
+    "to ", "is ", "a ", "in ", "café ", "naïve ", "über ", "日本 ",
+)  # the last four are multi-byte UTF-8, so relays that split chunks mid-character get caught
+# fmt: on
+_VOCAB_JSON = tuple(_json(w) for w in VOCAB)
+_MARK = "\x00token\x00"
+_MARK_JSON = json.dumps(_MARK).encode()
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between /v1/chat/completions and /v1/completions."""
+
+    id_prefix: str
+    prompt_key: str
+    unary_object: str
+    chunk_object: str
+    stream_choice: Callable[[str | None, str | None], dict[str, Any]]  # (token, finish)
+    unary_choice: Callable[[str, str], dict[str, Any]]  # (text, finish)
+    opening_choice: dict[str, Any] | None  # sent before the first content token
+
+
+CHAT = Dialect(
+    "chatcmpl-",
+    "messages",
+    "chat.completion",
+    "chat.completion.chunk",
+    stream_choice=lambda token, finish: {
+        "index": 0,
+        "delta": {} if token is None else {"content": token},
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    unary_choice=lambda text, finish: {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    opening_choice={
+        "index": 0,
+        "delta": {"role": "assistant", "content": ""},
+        "logprobs": None,
+        "finish_reason": None,
+    },
+)
+TEXT = Dialect(
+    "cmpl-",
+    "prompt",
+    "text_completion",
+    "text_completion",
+    stream_choice=lambda token, finish: {
+        "text": token or "",
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    unary_choice=lambda text, finish: {
+        "text": text,
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": finish,
+    },
+    opening_choice=None,
+)
+
+
+class Completion:
+    """One request's deterministic answer, and its encodings."""
+
+    __slots__ = (
+        "dialect",
+        "id",
+        "model",
+        "created",
+        "tokens",
+        "prompt_tokens",
+        "finish",
+        "include_usage",
+    )
+
+    def __init__(self, dialect: Dialect, body: dict[str, Any], count: int) -> None:
+        self.dialect = dialect
+        self.model = body.get("model") or "fake-llm"
+        prompt = json.dumps([self.model, body.get(dialect.prompt_key)], sort_keys=True)
+        digest = hashlib.blake2b(prompt.encode(), digest_size=16).digest()
+        self.id = dialect.id_prefix + digest.hex()[:24]
+        self.created = int(time.time())
+        max_tokens = body.get("max_tokens")
+        capped = is_count(max_tokens) and max_tokens < count
+        count = max_tokens if capped else count
+        self.tokens = random.Random(digest).choices(range(len(VOCAB)), k=count)
+        self.prompt_tokens = max(1, len(prompt) // 4)  # the usual four-characters rule
+        self.finish = "length" if capped else "stop"
+        options = body.get("stream_options")
+        self.include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    @property
+    def text(self) -> str:
+        return "".join(VOCAB[i] for i in self.tokens)
+
+    def usage(self) -> dict[str, int]:
+        done = len(self.tokens)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
+
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {
+            "id": self.id,
+            "object": self.dialect.chunk_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return b"data: " + _json(chunk) + b"\n\n"
+
+    def token_events(self) -> list[bytes]:
+        """The event for each vocabulary word: one template split around the token."""
+        template = self.event([self.dialect.stream_choice(_MARK, None)])
+        head, tail = template.split(_MARK_JSON)
+        return [head + word + tail for word in _VOCAB_JSON]
+
+    def opening_event(self) -> bytes | None:
+        opening = self.dialect.opening_choice
+        return None if opening is None else self.event([opening])
+
+    def closing_events(self) -> list[bytes]:
+        events = [self.event([self.dialect.stream_choice(None, self.finish)])]
+        if self.include_usage:
+            events.append(self.event([], usage=self.usage()))
+        events.append(_DONE)
+        return events
+
+    def unary_body(self) -> bytes:
+        body = {
+            "id": self.id,
+            "object": self.dialect.unary_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [self.dialect.unary_choice(self.text, self.finish)],
+            "usage": self.usage(),
+        }
+        return _json(body)
