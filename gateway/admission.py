@@ -30,7 +30,7 @@ from aiohttp import web
 
 from .config import ConcurrencyLimit, GatewayConfig, Route
 from .context import RequestContext
-from .errors import Overloaded, RateLimited
+from .errors import Overloaded, RateLimited, queue_timed_out
 from .metrics import Metrics
 from .ratelimit import LocalRateLimiter, RateLimiter, Taken
 from .redis_ratelimit import RedisRateLimiter
@@ -108,10 +108,7 @@ class WeightedSemaphore:
             else:
                 self._leave(entry)
             if isinstance(exc, TimeoutError):
-                raise Overloaded(
-                    f"waited {timeout:g}s for concurrency limit {self.name!r}",
-                    retry_after=max(1.0, timeout),
-                ) from None
+                raise queue_timed_out(self.name, timeout) from None
             raise
         finally:
             self._observe_wait(loop.time() - started)

@@ -87,6 +87,13 @@ class Overloaded(Rejected):
     condition = "overloaded"
 
 
+def queue_timed_out(limit: str, timeout: float) -> Overloaded:
+    """A request waited its route's whole `timeouts.queue` for units of `limit`."""
+    return Overloaded(
+        f"waited {timeout:g}s for concurrency limit {limit!r}", retry_after=max(1.0, timeout)
+    )
+
+
 class StateUnavailable(ClientError):
     """Shared state (Redis) is unreachable and the policy is fail_closed."""
 

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .config import ConcurrencyLimit
-from .errors import Overloaded, StateUnavailable
+from .errors import Overloaded, StateUnavailable, queue_timed_out
 from .redis_state import RedisState
 
 log = logging.getLogger("streamgate.state")
@@ -194,10 +194,7 @@ class GlobalSemaphore:
                 self.release(lease)  # granted in the same instant it gave up
             self._changed.set()  # the pump may be waiting on it at the head
             if isinstance(exc, TimeoutError):
-                raise Overloaded(
-                    f"waited {timeout:g}s for concurrency limit {self.name!r}",
-                    retry_after=max(1.0, timeout),
-                ) from None
+                raise queue_timed_out(self.name, timeout) from None
             raise
         finally:
             self.waiting -= 1
@@ -207,7 +204,9 @@ class GlobalSemaphore:
         """Nobody waits here: one call, without taking a place in the shared queue."""
         try:
             granted, _ = await self._state.call_or_undo(
-                self._acquire, self._keys, self._args(lease, units, queue=False),
+                self._acquire,
+                self._keys,
+                self._args(lease, units, queue=False),
                 undo=lambda result: result[0] and self._forget(lease),
             )
         except StateUnavailable as exc:
@@ -219,7 +218,12 @@ class GlobalSemaphore:
 
     def _args(self, lease: str, units: int, queue: bool) -> tuple:
         return (
-            lease, units, self.capacity, self._lease_ttl_ms, self._ticket_ttl_ms, int(queue),
+            lease,
+            units,
+            self.capacity,
+            self._lease_ttl_ms,
+            self._ticket_ttl_ms,
+            int(queue),
             self.channel,
         )
 
