@@ -57,8 +57,15 @@ async def in_process(tmp_path):
         await gateway.stop()
 
 
-async def _stream_in_flight(session, url, release: asyncio.Event):
-    """Start a stream whose upstream waits for `release` mid-body; return its reader task."""
+def _paused_stream(release: asyncio.Event) -> Respond:
+    """An SSE stream that stops after its first token until `release` is set."""
+    return Respond(
+        sse=True, chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()]
+    )
+
+
+async def _stream_in_flight(session, url):
+    """Start a streaming request through the gateway; return its reader task."""
 
     async def run() -> bytes:
         async with session.post(url + "/a/chat", json=chat_body()) as resp:
@@ -72,17 +79,12 @@ async def _stream_in_flight(session, url, release: asyncio.Event):
 async def test_reload_switches_routes_without_dropping_a_stream(in_process, tmp_path, trigger):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         release = asyncio.Event()
-        up.script(
-            Respond(
-                sse=True,
-                chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()],
-            )
-        )
+        up.script(_paused_stream(release))
         up.default = Respond(json={})
         path = tmp_path / "gw.yaml"
         write_config(path, up.url, route_prefix="/a/")
         gateway, url, admin = await in_process(path)
-        stream = await _stream_in_flight(session, url, release)
+        stream = await _stream_in_flight(session, url)
         await up.wait_for_requests(1)
         assert await _status(session, url + "/b/x") == 404
 
@@ -146,12 +148,7 @@ async def test_sighup_reloads(tmp_path):
 async def test_drain_lets_a_stream_finish_refuses_new_requests_and_exits_zero(tmp_path):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         release = asyncio.Event()
-        up.script(
-            Respond(
-                sse=True,
-                chunks=[role_delta(), content("a "), WaitFor(release), content("b "), done()],
-            )
-        )
+        up.script(_paused_stream(release))
         path = tmp_path / "gw.yaml"
         write_config(path, up.url)
         path.write_text(
@@ -162,7 +159,7 @@ async def test_drain_lets_a_stream_finish_refuses_new_requests_and_exits_zero(tm
         gw = GatewayProcess(path)
         await gw.start()
         try:
-            stream = await _stream_in_flight(session, gw.url, release)
+            stream = await _stream_in_flight(session, gw.url)
             await up.wait_for_requests(1)
             gw.proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(5):  # readiness fails at once
@@ -192,7 +189,7 @@ async def test_drain_past_the_grace_period_ends_streams_with_an_error_event(tmp_
         gw = GatewayProcess(path)
         await gw.start()
         try:
-            stream = await _stream_in_flight(session, gw.url, never)
+            stream = await _stream_in_flight(session, gw.url)
             await up.wait_for_requests(1)
             gw.proc.send_signal(signal.SIGTERM)
             body = await asyncio.wait_for(stream, 5)
@@ -205,13 +202,19 @@ async def test_drain_past_the_grace_period_ends_streams_with_an_error_event(tmp_
             await gw.stop()
 
 
-async def test_a_reload_that_moves_the_listener_says_it_needs_a_restart(in_process, tmp_path, caplog):
+async def test_a_reload_that_moves_the_listener_says_it_needs_a_restart(
+    in_process, tmp_path, caplog
+):
     async with ScriptedUpstream() as up, aiohttp.ClientSession() as session:
         up.default = Respond(json={})
         path = tmp_path / "gw.yaml"
         write_config(path, up.url)
         gateway, url, admin = await in_process(path)
-        path.write_text(path.read_text().replace("listen: 127.0.0.1:0, shutdown_grace", "listen: 127.0.0.1:1, shutdown_grace"))
+        path.write_text(
+            path.read_text().replace(
+                "listen: 127.0.0.1:0, shutdown_grace", "listen: 127.0.0.1:1, shutdown_grace"
+            )
+        )
         async with session.post(admin + "/admin/reload") as resp:
             assert resp.status == 200
         assert "server.listen changed: it takes effect on restart" in caplog.text
