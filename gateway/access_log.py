@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 
-from .context import RequestContext
+from .engine.context import RequestContext
 
 
 class AccessLog:

@@ -26,10 +26,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from typing import Any, NamedTuple, Protocol
 
-from aiohttp import web
-
 from .config import ConcurrencyLimit, GatewayConfig, Route
-from .context import RequestContext
+from .engine.context import RequestContext
 from .errors import Overloaded, RateLimited, queue_timed_out
 from .metrics import Metrics
 from .ratelimit import LocalRateLimiter, RateLimiter, Taken
@@ -213,13 +211,15 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, ctx: RequestContext, route: Route, request: web.BaseRequest
+        self, ctx: RequestContext, route: Route, headers: Mapping[str, str]
     ) -> AsyncIterator[None]:
+        """Hold the route's limits for the `async with` body; `headers` are the request's
+        (case-insensitive), for rate limits keyed by a header."""
         plan = self._plans.get(route.name) or self._plan(route)
         if not (plan.rates or plan.slots):
             yield
             return
-        taken = await self._take_rates(ctx, route, request, plan.rates)
+        taken = await self._take_rates(ctx, route, headers, plan.rates)
         try:
             held = await _take_units(ctx, route, plan.slots)
         except BaseException:
@@ -235,13 +235,13 @@ class Admission:
         self,
         ctx: RequestContext,
         route: Route,
-        request: web.BaseRequest,
+        headers: Mapping[str, str],
         limiters: tuple[RateLimiter, ...],
     ) -> list[Taken]:
         taken: list[Taken] = []
         try:
             for limiter in limiters:
-                key = limiter.key_of(route.name, ctx.client_ip, request.headers)
+                key = limiter.key_of(route.name, ctx.client_ip, headers)
                 try:
                     grant = await limiter.take(key)
                 except RateLimited:

@@ -18,11 +18,13 @@ import sys
 from aiohttp import web
 
 from .admin import admin_app
+from .build import start_runtime
 from .config import GatewayConfig
 from .config_loader import load_config
+from .engine.pipeline import Proxy
 from .errors import ConfigErrors, Draining
 from .metrics import Metrics
-from .proxy import Proxy
+from .protocols.http.server import HttpServer
 from .runtime import Runtime
 
 log = logging.getLogger("streamgate")
@@ -56,11 +58,13 @@ class Gateway:
         return self._draining
 
     async def start(self) -> tuple[str, str]:
-        runtime = await Runtime.start(self.config, self.metrics)
+        runtime = await start_runtime(self.config, self.metrics)
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
-        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        server = web.Server(
+            HttpServer(self.proxy).handle, handler_cancellation=True, access_log=None
+        )
         # By the time runners are cleaned up, drain_and_stop has already waited for streams.
         proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
         self._proxy_site, proxy_url = await self._listen(proxy_runner, self.config.server.listen)
@@ -112,7 +116,7 @@ class Gateway:
         old = self.runtime
         assert self.proxy is not None
         try:
-            runtime = await Runtime.start(config, self.metrics, previous=old)
+            runtime = await start_runtime(config, self.metrics, previous=old)
         except Exception as exc:  # e.g. a worker pool that cannot start: keep the old one
             self.metrics.config_reloads.labels("error").inc()
             log.exception("reload rejected: the new config could not be started")

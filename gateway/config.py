@@ -279,6 +279,25 @@ class BufferConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FramingConfig:
+    """How the gateway reads a response body: what a frame is, which frame commits, and how a
+    failure after the commit point is shown. Written as a bare name (`framing: sse`) or a
+    mapping (`framing: {kind: truss, require_footer: true}`)."""
+
+    kind: Literal["auto", "sse", "ndjson", "raw", "unary", "truss"] = "auto"
+    """`auto` picks by the response: `text/event-stream` is `sse`, `application/x-ndjson` or
+    `application/jsonl` is `ndjson`, anything else `raw` when the request asked for a stream
+    and `unary` when it did not. `sse`: an event is a frame, the first with content commits
+    (a role-only delta does not), a failure after commit is an `event: error`. `ndjson`: a line
+    is a frame. `raw`: bytes as they come. `unary`: the whole body is read before committing.
+    `truss`: Baseten Truss Chains typed frames; the first ITEM commits (a header does not).
+    After the commit point every framing but `sse` shows a failure by aborting the
+    connection."""
+    require_footer: bool = False
+    """`truss` only: a stream that ends without a FOOTER frame is a truncation (aborted)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     upstream: str
@@ -293,6 +312,8 @@ class Route:
     buffer: BufferConfig = BufferConfig()
     keepalive: Seconds | None = None
     """Write `: keepalive` after this much upstream silence on a committed SSE stream."""
+    framing: FramingConfig = FramingConfig()
+    """What a frame of the response body is (see FramingConfig); `auto` by default."""
 
 
 # --------------------------------------------------------------------------- the whole

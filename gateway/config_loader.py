@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_orig
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from gateway.config import Fallback, GatewayConfig, RateLimit, RouteMatch
+from gateway.config import Fallback, FramingConfig, GatewayConfig, RateLimit, RouteMatch
 from gateway.config_checks import Problem, check, did_you_mean
 from gateway.config_scalars import BadScalar, read_literal, read_scalar, scalar_text
 from gateway.config_yaml import at, compose, describe
@@ -59,7 +59,7 @@ def load_config_text(text: str, source: str, env: Mapping[str, str] | None = Non
 # ----------------------------------------------------------------- schema tweaks
 
 # Dataclasses that may also be written as a bare scalar, giving this one field.
-_SHORTHAND = {Fallback: "upstream"}
+_SHORTHAND = {Fallback: "upstream", FramingConfig: "kind"}
 
 
 def _lower_header_key(key: str) -> str:
@@ -222,7 +222,8 @@ class _Converter:
 
     def _dataclass(self, node: Node, cls: type, path: str) -> Any:
         if isinstance(node, ScalarNode) and cls in _SHORTHAND:
-            return cls(**{_SHORTHAND[cls]: self.convert(node, str, path)})
+            spec = _yaml_fields(cls)[_SHORTHAND[cls]]
+            return cls(**{spec.attr: self.convert(node, spec.type, path)})
         fields = _yaml_fields(cls)
         values, failed, seen = {}, False, set()
         for key, key_node, value_node in self._entries(node, path):

@@ -1,4 +1,4 @@
-"""The error tree, and the one place errors become HTTP.
+"""The error tree: what every layer raises and every protocol renders in its own way.
 
 Callers branch on attributes, never on message text:
 - `status` is the HTTP status the client gets when the error happens before the commit point;
@@ -9,15 +9,13 @@ Callers branch on attributes, never on message text:
   upstream was tried; those are not streams).
 
 Foreign exceptions (aiohttp, redis, OS errors) are translated into these at one boundary each
-(`attempt.py` for the upstream side, the limiters for Redis).
+(each protocol's upstream client and `engine/attempts.py` for the upstream side, the
+limiters for Redis). How an error looks on the wire is each protocol's (`protocols/`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-
-from aiohttp import web
 
 
 class GatewayError(Exception):
@@ -158,29 +156,11 @@ class SlowClient(GatewayError):
     outcome = "slow_client"
 
 
-# ----------------------------------------------------------------- rendering
+# ----------------------------------------------------------------- the body every protocol shows
 
 
 def error_body(err: GatewayError, request_id: str) -> dict:
     return {"error": {"type": err.type, "message": err.message, "request_id": request_id}}
-
-
-def error_response(err: GatewayError, request_id: str) -> web.Response:
-    """The JSON error response for a failure before the commit point."""
-    headers = {"x-request-id": request_id}
-    if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
-    return web.Response(
-        status=err.status,
-        body=json.dumps(error_body(err, request_id)).encode(),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-def sse_error_event(err: GatewayError, request_id: str) -> bytes:
-    """The SSE event that ends a committed stream visibly (never a `[DONE]`)."""
-    return b"event: error\ndata: " + json.dumps(error_body(err, request_id)).encode() + b"\n\n"
 
 
 # ----------------------------------------------------------------- configuration

@@ -11,13 +11,13 @@ import logging
 
 from .access_log import AccessLog
 from .admission import Admission
-from .config import GatewayConfig, HttpUpstream, WorkerPoolUpstream
-from .context import RequestContext
+from .config import GatewayConfig, HttpUpstream
+from .engine.context import RequestContext
 from .health import HealthChecker
 from .metrics import Metrics
 from .routing import Router
 from .tracing import NO_TRACING, NoTracing, Tracing
-from .upstreams import UpstreamPool, http_pool
+from .upstreams import UpstreamPool
 from .workers import WorkerSupervisor
 
 log = logging.getLogger("streamgate")
@@ -50,46 +50,6 @@ class Runtime:
         self.health_checkers: list[HealthChecker] = []
         self.supervisors = supervisors if supervisors is not None else {}
         """Worker pools this runtime stops when it closes; a reload takes unchanged ones over."""
-
-    @classmethod
-    async def start(
-        cls, config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
-    ) -> Runtime:
-        """Build everything `config` names. On reload, `previous` hands over what may be kept,
-        but only once the new runtime is whole: if any part fails to start, what was started
-        is stopped and `previous` keeps everything it had."""
-        pools = {
-            name: http_pool(name, upstream)
-            for name, upstream in config.upstreams.items()
-            if isinstance(upstream, HttpUpstream)
-        }
-        kept = previous.supervisors if previous is not None else {}
-        supervisors: dict[str, WorkerSupervisor] = {}
-        try:
-            for pool in pools.values():
-                await pool.start()
-            await _start_worker_pools(config, metrics, kept, supervisors)
-            admission = await Admission.start(
-                config, metrics, previous.admission if previous is not None else None
-            )
-            tracing = Tracing.from_config(config.telemetry.tracing)
-        except BaseException:
-            for pool in pools.values():
-                await pool.close()
-            started = [s for name, s in supervisors.items() if kept.get(name) is not s]
-            await asyncio.gather(*(s.stop() for s in started))
-            raise
-        for name, supervisor in supervisors.items():
-            if kept.get(name) is supervisor:
-                del kept[name]  # taken over: the old runtime must not stop it
-        pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
-        runtime = cls(config, pools, metrics, admission, supervisors, tracing)
-        for name, upstream in config.upstreams.items():
-            if isinstance(upstream, HttpUpstream) and upstream.health is not None:
-                checker = HealthChecker(pools[name], upstream.health)
-                checker.start()
-                runtime.health_checkers.append(checker)
-        return runtime
 
     async def close(self) -> None:
         for checker in self.health_checkers:
@@ -152,22 +112,3 @@ class Runtime:
         streaming_s = now - ctx.first_chunk_at
         if ctx.stream and completion and streaming_s > 0:
             m.child(m.output_tokens_per_second, route, upstream).observe(completion / streaming_s)
-
-
-async def _start_worker_pools(
-    config: GatewayConfig,
-    metrics: Metrics,
-    kept: dict[str, WorkerSupervisor],
-    supervisors: dict[str, WorkerSupervisor],
-) -> None:
-    """Fill `supervisors` with one started supervisor per `worker_pool` upstream. One whose
-    definition is unchanged in `kept` (the previous runtime's) is reused with its workers
-    running; the previous runtime stops the others when it closes, once its streams are done."""
-    for name, upstream in config.upstreams.items():
-        if not isinstance(upstream, WorkerPoolUpstream):
-            continue
-        if name in kept and kept[name].config == upstream:
-            supervisors[name] = kept[name]
-        else:
-            supervisors[name] = WorkerSupervisor(name, upstream, metrics)
-            await supervisors[name].start()

@@ -27,23 +27,44 @@ import asyncio
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from opentelemetry import trace as otel
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from .config import TracingConfig
+from gateway.config import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
-    from .context import RequestContext
-
 SERVICE_NAME = "streamgate"
 MAX_ATTRIBUTE_LENGTH = 256
 """Attribute values taken from requests (path, model) are cut to this many characters."""
 OTLP_TIMEOUT_S = 5.0
+
+
+
+class RequestContext(Protocol):
+    """What a span reads of a request: the engine's RequestContext, seen from below."""
+
+    request_id: str
+    method: str
+    path: str
+    route_name: str
+    upstream: str | None
+    endpoint: str | None
+    model: str | None
+    stream: bool
+    status: int
+    attempts: int
+    chunks: int
+    bytes: int
+    outcome: str
+    error_kind: str | None
+    started: float
+    first_chunk_at: float | None
+
 
 _W3C = TraceContextTextMapPropagator()
 """W3C trace context only (traceparent, tracestate), whatever OTEL_PROPAGATORS says."""

@@ -27,7 +27,6 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,7 +36,7 @@ from multidict import CIMultiDict, CIMultiDictProxy  # noqa: E402
 
 from gateway.admission import Admission  # noqa: E402
 from gateway.config_loader import load_config_text  # noqa: E402
-from gateway.context import RequestContext  # noqa: E402
+from gateway.engine.context import RequestContext  # noqa: E402
 from gateway.metrics import Metrics  # noqa: E402
 from tests.conftest import GatewayProcess, chat_body, config_yaml  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
@@ -74,13 +73,13 @@ async def admit_overhead(scope: str, redis_url: str, n: int, concurrency: int) -
     config = load_config_text(config_yaml("http://127.0.0.1:9", route=route, top=top), "b", {})
     admission = await Admission.start(config, Metrics())
     route_cfg = config.routes[0]
-    request = SimpleNamespace(headers=CIMultiDictProxy(CIMultiDict()))
+    headers = CIMultiDictProxy(CIMultiDict())
     loop = asyncio.get_running_loop()
 
     async def one() -> float:
         ctx = RequestContext("id", "POST", CHAT, "127.0.0.1", loop.time())
         started = time.perf_counter()
-        async with admission.admit(ctx, route_cfg, request):
+        async with admission.admit(ctx, route_cfg, headers):
             pass
         return time.perf_counter() - started
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway import sse
+from gateway.engine import sse
 
 
 def event(payload) -> bytes:

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.config import TracingConfig
 from gateway.config_loader import load_config_text
-from gateway.context import RequestContext
+from gateway.engine.context import RequestContext
 from gateway.tracing import NO_TRACING, NULL_ATTEMPT, NULL_TRACE, Tracing
 from tests.conftest import chat_body, config_yaml
 from tests.support.scripted_upstream import Respond, sse_tokens

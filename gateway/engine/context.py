@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
-from .config import Route
-from .tracing import NULL_TRACE, NullTrace, RequestTrace
+from gateway.config import Route
+from gateway.tracing import NULL_TRACE, NullTrace, RequestTrace
 
 _MAX_REQUEST_ID = 128
+CLIENT_CLOSED = 499
+"""The status logged and counted for a request whose client went away first."""
 
 
 def request_id_from(header_value: str | None) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from gateway.errors import GatewayError, error_body
+
 LF_SEPARATOR = b"\n\n"
 CRLF_SEPARATOR = b"\r\n\r\n"
 
@@ -83,3 +85,8 @@ def _has_nonempty_content(event: bytes) -> bool:
             return True
         at = event.find(_CONTENT_KEY, at + 1)
     return False
+
+
+def error_event(err: GatewayError, request_id: str) -> bytes:
+    """The event that ends a committed stream visibly (never a `[DONE]`)."""
+    return b"event: error\ndata: " + json.dumps(error_body(err, request_id)).encode() + b"\n\n"

@@ -1,0 +1,78 @@
+"""Build a runtime from a config: upstream pools with their protocol clients, worker pools,
+admission, tracing. The one place that knows which adapter serves which upstream kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.admission import Admission
+from gateway.config import GatewayConfig, HttpUpstream, WorkerPoolUpstream
+from gateway.health import HealthChecker
+from gateway.metrics import Metrics
+from gateway.protocols.http.client import HttpClient
+from gateway.runtime import Runtime
+from gateway.tracing import Tracing
+from gateway.upstreams import http_pool
+from gateway.workers import WorkerSupervisor
+
+
+async def start_runtime(
+    config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
+) -> Runtime:
+    """Build everything `config` names. On reload, `previous` hands over what may be kept,
+    but only once the new runtime is whole: if any part fails to start, what was started
+    is stopped and `previous` keeps everything it had."""
+    pools = {
+        name: http_pool(name, upstream)
+        for name, upstream in config.upstreams.items()
+        if isinstance(upstream, HttpUpstream)
+    }
+    kept = previous.supervisors if previous is not None else {}
+    supervisors: dict[str, WorkerSupervisor] = {}
+    try:
+        for pool in pools.values():
+            await pool.start()
+        await _start_worker_pools(config, metrics, kept, supervisors)
+        admission = await Admission.start(
+            config, metrics, previous.admission if previous is not None else None
+        )
+        tracing = Tracing.from_config(config.telemetry.tracing)
+    except BaseException:
+        for pool in pools.values():
+            await pool.close()
+        started = [s for name, s in supervisors.items() if kept.get(name) is not s]
+        await asyncio.gather(*(s.stop() for s in started))
+        raise
+    for name, supervisor in supervisors.items():
+        if kept.get(name) is supervisor:
+            del kept[name]  # taken over: the old runtime must not stop it
+    pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
+    for pool in pools.values():
+        pool.client = HttpClient(pool)
+    runtime = Runtime(config, pools, metrics, admission, supervisors, tracing)
+    for name, upstream in config.upstreams.items():
+        if isinstance(upstream, HttpUpstream) and upstream.health is not None:
+            checker = HealthChecker(pools[name], upstream.health)
+            checker.start()
+            runtime.health_checkers.append(checker)
+    return runtime
+
+
+async def _start_worker_pools(
+    config: GatewayConfig,
+    metrics: Metrics,
+    kept: dict[str, WorkerSupervisor],
+    supervisors: dict[str, WorkerSupervisor],
+) -> None:
+    """Fill `supervisors` with one started supervisor per `worker_pool` upstream. One whose
+    definition is unchanged in `kept` (the previous runtime's) is reused with its workers
+    running; the previous runtime stops the others when it closes, once its streams are done."""
+    for name, upstream in config.upstreams.items():
+        if not isinstance(upstream, WorkerPoolUpstream):
+            continue
+        if name in kept and kept[name].config == upstream:
+            supervisors[name] = kept[name]
+        else:
+            supervisors[name] = WorkerSupervisor(name, upstream, metrics)
+            await supervisors[name].start()

@@ -1,0 +1,1 @@
+"""The stream engine: every guarantee, protocol-neutral. See ARCHITECTURE.md."""

@@ -1,0 +1,92 @@
+"""The deadlines of one committed stream, kept by a single lazily re-armed timer.
+
+`chunk_gap`, `slow_client`, `total` and `keepalive` are not a timeout object per await: the
+relay only stores when its current phase began (`since`) and whether it is reading from the
+upstream or waiting for the client, and the timer wakes at the earliest deadline to re-arm,
+to send a keepalive, or to end the stream by cancelling the task that relays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.config import Route
+from gateway.errors import GatewayError, SlowClient, UpstreamTimeout
+
+
+class StreamClock:
+    """The deadlines of one committed stream, kept by a single lazily re-armed timer."""
+
+    __slots__ = (
+        "reading",
+        "since",
+        "reason",
+        "_loop",
+        "_task",
+        "_handle",
+        "_chunk_gap",
+        "_slow_client",
+        "_deadline",
+        "_keepalive",
+        "_keepalive_after",
+        "_send_keepalive",
+    )
+
+    def __init__(self, route: Route, deadline: float, send_keepalive=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.reading = True
+        """True while waiting on the upstream (chunk_gap applies), False while writing
+        to the client (slow_client applies)."""
+        self.since = self._loop.time()
+        """When the current phase began."""
+        self.reason: GatewayError | None = None
+        self._chunk_gap = route.timeouts.chunk_gap
+        self._slow_client = route.timeouts.slow_client
+        self._deadline = deadline
+        self._keepalive = route.keepalive if send_keepalive is not None else None
+        self._keepalive_after = self.since
+        self._send_keepalive = send_keepalive
+        self._handle = None
+        self._arm()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _arm(self) -> None:
+        # The phase may change while the timer sleeps, to one with a shorter limit; waking at
+        # least every min(limit) catches that in time, because a phase that began after this
+        # arm began after `now`.
+        limit = self._chunk_gap if self.reading else self._slow_client
+        now = self._loop.time()
+        due = min(self.since + limit, now + min(self._chunk_gap, self._slow_client), self._deadline)
+        if self._keepalive is not None and self.reading:
+            due = min(due, max(self.since, self._keepalive_after) + self._keepalive)
+        self._handle = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if now >= self._deadline:
+            return self.fire(UpstreamTimeout("the stream ran out of total time", "total_timeout"))
+        if self.reading and now - self.since >= self._chunk_gap:
+            silence = f"{now - self.since:.1f}s"
+            return self.fire(UpstreamTimeout(f"upstream silent for {silence}", "chunk_gap_timeout"))
+        if not self.reading and now - self.since >= self._slow_client:
+            return self.fire(SlowClient("the client stopped reading"))
+        if (
+            self._keepalive is not None
+            and self.reading
+            and now - max(self.since, self._keepalive_after) >= self._keepalive
+        ):
+            self._keepalive_after = now  # keepalives do not reset chunk_gap
+            self._send_keepalive()
+        self._arm()
+
+    def fire(self, reason: GatewayError) -> None:
+        """End the stream now with `reason` (the timer's deadlines, or draining at shutdown)."""
+        self.stop()
+        if self.reason is None and self._task is not None:
+            self.reason = reason
+            self._task.cancel()

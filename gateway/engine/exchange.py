@@ -1,0 +1,132 @@
+"""The two small interfaces between the engine and a protocol, and what passes between them.
+
+A protocol adapter gives the engine:
+- on the upstream side, an `UpstreamClient` per pool, whose `send` returns an
+  `UpstreamResponse`: a status, headers, and a `read()` for the next body bytes;
+- on the client side, a `Sink` per request: refuse it, send a whole answer, or commit a
+  stream and take its frames, with a buffer the engine can watch and drain.
+
+Everything in between (retries, the commit point, the clock, backpressure, cancellation,
+observation) is the engine's, and the same for every protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from gateway.errors import GatewayError
+
+if TYPE_CHECKING:
+    from gateway.engine.framing import Framing
+    from gateway.upstreams import Endpoint, UpstreamPool
+
+
+class UpstreamResponse(Protocol):
+    """One upstream answer, its head read, its body being read."""
+
+    status: int
+    headers: Mapping[str, str]
+    """Case-insensitive."""
+    read: Callable[[], Awaitable[bytes]]
+    """The next bytes of the body as they arrive; b"" at its end."""
+
+    def release(self) -> None:
+        """The whole body was read: the connection may serve another request."""
+
+    def close(self) -> None:
+        """Abandon the exchange: its connection is closed, never reused, so the backend
+        stops generating for nobody."""
+
+
+class UpstreamClient(Protocol):
+    """A protocol's client side for one upstream pool."""
+
+    broken: tuple[type[BaseException], ...]
+    """Exceptions that mean the upstream dropped the exchange (the condition `reset`)."""
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        connect_timeout: float,
+        on_sent: Callable[[], None],
+    ) -> UpstreamResponse:
+        """Send one request and read the response's head. Calls `on_sent` once the
+        connection is ready and the request goes out; raises `UpstreamConnectError` when
+        no connection could be made."""
+        ...
+
+
+class Opened:
+    """The upstream answer the client will get, with what was read of it before committing."""
+
+    __slots__ = ("status", "headers", "head", "complete", "framing", "response", "pool", "endpoint")
+
+    def __init__(
+        self,
+        status: int,
+        headers: Mapping[str, str],
+        head: bytes,
+        complete: bool,
+        framing: Framing | None = None,
+        response: UpstreamResponse | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.head = head
+        """Body bytes already read; written first."""
+        self.complete = complete
+        """The whole body is in `head`: nothing more to read from the upstream."""
+        self.framing = framing
+        """How the rest of the body is cut into frames (None for a whole answer)."""
+        self.response = response
+        self.pool: UpstreamPool | None = None
+        self.endpoint: Endpoint | None = None
+
+    def finish(self, clean: bool) -> None:
+        """Let go of the upstream: the connection is reused only after a whole body;
+        otherwise it is closed."""
+        if self.endpoint is not None:
+            self.endpoint.outstanding -= 1
+            self.endpoint = None
+        if self.response is not None:
+            if clean:
+                self.response.release()
+            else:
+                self.response.close()
+            self.response = None
+
+
+class Sink(Protocol):
+    """A protocol's server side for one request: where the engine sends its answer.
+
+    Before the commit point the engine calls exactly one of `refuse`, `send_whole` or
+    `commit`. After `commit`, frames go through `write` (never blocking; `buffered` tells how
+    much the client has not taken yet, and `drain` waits for it), and the stream ends with
+    `finish` or, visibly, with `fail`.
+    """
+
+    write: Callable[[bytes], None]
+    buffered: Callable[[], int]
+    closing: Callable[[], bool]
+    """True once the client is gone."""
+
+    async def refuse(self, err: GatewayError) -> None: ...
+
+    async def send_whole(self, opened: Opened) -> None: ...
+
+    async def commit(self, opened: Opened, first: bytes) -> None:
+        """Send the status and headers together with the first frames; raises
+        ConnectionResetError when the client is already gone."""
+
+    async def drain(self) -> None: ...
+
+    async def finish(self, tail: bytes) -> None:
+        """A clean end, after the bytes left past the last whole frame (if any)."""
+
+    async def fail(self, last_frame: bytes | None) -> None:
+        """End a committed stream visibly: `last_frame` (the framing's error frame) and a
+        close, or, without one, an aborted connection."""

@@ -1,0 +1,102 @@
+"""The request path, for every protocol: read, route, admit, open, relay, observe.
+
+    read    the protocol reads the request (bounded) so retries can replay it
+    route   first matching rule in file order (404)
+    admit   rate limits, then concurrency (429 / 503); held until the last byte is written
+    open    the upstream, retrying and falling back until the commit point (attempts.py)
+    relay   commit the status and headers, then stream with backpressure (relay.py)
+
+Errors before the commit point are handed to the protocol's sink here, and only here. A client
+that goes away cancels the task serving it, which unwinds every stage: its admission is
+released and its upstream connection closed. Every request, however it ends, is observed
+once (metrics, trace, access log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Protocol
+
+from gateway.config import Route
+from gateway.engine.attempts import open_stream
+from gateway.engine.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.exchange import Sink
+from gateway.engine.relay import relay
+from gateway.errors import Draining, GatewayError, NoRoute
+from gateway.routing import RequestFacts
+from gateway.runtime import Runtime
+
+
+class Inbound(Protocol):
+    """A request as a protocol received it."""
+
+    headers: Mapping[str, str]
+    """Case-insensitive: for routing, rate-limit keys and trace context."""
+    route_path: str
+    """The path routes match on."""
+
+    async def read_body(self, limit: int) -> None:
+        """Read the request body into the context (413 past `limit` bytes)."""
+
+    def upstream_headers(self) -> dict:
+        """The headers every try sends upstream (a fresh, mutable copy)."""
+
+
+class Proxy:
+    """Where requests of every protocol enter the engine; drained as one at shutdown."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        """Swapped whole on reload; each request keeps the one it started with."""
+        self.draining = False
+        self.in_flight: set[RequestContext] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Until no request is in flight."""
+        await self._idle.wait()
+
+    async def serve(self, ctx: RequestContext, inbound: Inbound, sink: Sink) -> None:
+        runtime = self.runtime
+        ctx.trace = runtime.tracing.request_span(ctx, inbound.headers)
+        self.in_flight.add(ctx)
+        self._idle.clear()
+        runtime.enter()
+        try:
+            if self.draining:
+                raise Draining("the gateway is shutting down")
+            await inbound.read_body(runtime.config.server.max_request_body)
+            route = _route(runtime, ctx, inbound)
+            ctx.deadline = ctx.started + route.timeouts.total
+            async with runtime.admission.admit(ctx, route, inbound.headers):
+                headers = inbound.upstream_headers()
+                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
+                runtime.stream_started(ctx)
+                try:
+                    await relay(sink, ctx, opened, route, runtime.metrics)
+                finally:
+                    runtime.stream_ended(ctx)
+        except GatewayError as err:
+            ctx.status, ctx.outcome, ctx.error_kind = err.status, err.outcome, err.condition
+            await sink.refuse(err)
+        except asyncio.CancelledError:  # the client went away
+            ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
+            raise
+        finally:
+            ctx.trace.end(ctx)
+            runtime.observe(ctx)
+            runtime.leave()
+            self.in_flight.discard(ctx)
+            if not self.in_flight:
+                self._idle.set()
+
+
+def _route(runtime: Runtime, ctx: RequestContext, inbound: Inbound) -> Route:
+    facts = RequestFacts(ctx.method, inbound.route_path, inbound.headers, ctx.model)
+    route = runtime.router.match(facts)
+    if route is None:
+        raise NoRoute(f"no route matches {ctx.method} {inbound.route_path}")
+    ctx.route = route
+    return route

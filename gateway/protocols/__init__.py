@@ -1,0 +1,1 @@
+"""Protocol adapters of the engine: each translates one wire protocol, and only that."""
