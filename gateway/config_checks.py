@@ -247,6 +247,9 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
     yield from _at_least(f"{path}.buffer.bytes", route.buffer.bytes, 1)
     if route.keepalive is not None:
         yield from _positive(f"{path}.keepalive", route.keepalive, "s")
+    if route.framing.require_footer and route.framing.kind != "truss":
+        message = f"only a truss framing has a footer (this route's is {route.framing.kind})"
+        yield Problem(f"{path}.framing.require_footer", message)
 
 
 def _route_limits(path: str, route: Route, limits: Mapping[str, object]) -> Problems:

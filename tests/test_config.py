@@ -709,6 +709,16 @@ SHAPE_ERRORS = [
         """,
         "gw.yaml:3:40: routes[0].fallbacks[0]: expected a mapping, got a list",
     ),
+    case(
+        "framing-unknown",
+        """\
+        upstreams: {a: {endpoints: [{url: "http://h"}]}}
+        routes:
+          - {name: r, upstream: a, framing: grpc}
+        """,
+        "gw.yaml:3:37: routes[0].framing: expected one of auto, sse, ndjson, raw, unary, truss,"
+        " got 'grpc'",
+    ),
 ]
 
 
@@ -1113,6 +1123,16 @@ SEMANTIC_ERRORS = [
           - {name: r, upstream: a, keepalive: 0s}
         """,
         "gw.yaml:3:39: routes[0].keepalive: must be greater than 0, got 0s",
+    ),
+    case(
+        "footer-without-truss",
+        """\
+        upstreams: {a: {endpoints: [{url: "http://h"}]}}
+        routes:
+          - {name: r, upstream: a, framing: {kind: sse, require_footer: true}}
+        """,
+        "gw.yaml:3:65: routes[0].framing.require_footer: only a truss framing has a footer"
+        " (this route's is sse)",
     ),
     case(
         "sample-ratio",

@@ -51,9 +51,7 @@ class HttpInbound:
         """Buffer the request body (bounded), and read what routing and admission need."""
         request, ctx = self.request, self.ctx
         if request.content_length is not None and request.content_length > limit:
-            raise RequestTooLarge(
-                f"request body of {request.content_length} bytes is over {limit}"
-            )
+            raise RequestTooLarge(f"request body of {request.content_length} bytes is over {limit}")
         parts: list[bytes] = []
         size = 0
         while data := await request.content.readany():
