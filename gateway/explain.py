@@ -6,7 +6,7 @@ import json
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import GatewayConfig, HttpUpstream, Route
+from .config import FramingConfig, GatewayConfig, HttpUpstream, Route
 from .config_loader import load_config
 from .errors import ConfigErrors
 from .routing import RequestFacts, Router
@@ -127,4 +127,15 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
+        _framing_line(route.framing),
     ]
+
+
+def _framing_line(framing: FramingConfig) -> str:
+    if framing.kind == "auto":
+        return (
+            "framing: auto (sse for text/event-stream, ndjson for application/x-ndjson, "
+            "else raw for a stream and unary otherwise)"
+        )
+    footer = ", a missing footer is a truncation" if framing.require_footer else ""
+    return f"framing: {framing.kind}{footer}"

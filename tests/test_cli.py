@@ -113,6 +113,7 @@ def test_explain_says_which_route_matches_and_why_earlier_ones_did_not(tmp_path)
     assert "1. gpu: http, least_outstanding over http://10.0.0.1:8000 (weight 1)" in out
     assert "2. hosted: http" in out and "model rewritten to 'gpt-4o-mini'" in out
     assert "retry: up to 2 tries per upstream" in out
+    assert "framing: auto (sse for text/event-stream" in out
 
 
 def test_explain_with_no_matching_route_says_404(tmp_path):
