@@ -42,26 +42,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["fake-llm"]:
-        from .fake_llm import main as fake_llm_main
+        from gateway.fake_llm import main as fake_llm_main
 
         return fake_llm_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from .app import serve
+        from gateway.app import serve
 
         return serve(args.config)
     if args.command == "validate":
         return validate(args.path)
     if args.command == "explain":
-        from .explain import explain
+        from gateway.explain import explain
 
         return explain(args.path, args.method, args.request_path, args.header, args.body)
     return 2
 
 
 def validate(path: str) -> int:
-    from .config_loader import load_config
-    from .errors import ConfigErrors
+    from gateway.config.loader import load_config
+    from gateway.errors import ConfigErrors
 
     try:
         load_config(path)

@@ -17,15 +17,15 @@ import sys
 
 from aiohttp import web
 
-from .admin import admin_app
-from .build import start_runtime
-from .config import GatewayConfig
-from .config_loader import load_config
-from .engine.pipeline import Proxy
-from .errors import ConfigErrors, Draining
-from .metrics import Metrics
-from .protocols.http.server import HttpServer
-from .runtime import Runtime
+from gateway.admin.server import admin_app
+from gateway.build import start_runtime
+from gateway.config.loader import load_config
+from gateway.config.model import GatewayConfig
+from gateway.engine.pipeline import Proxy
+from gateway.engine.runtime import Runtime
+from gateway.errors import ConfigErrors, Draining
+from gateway.observe.metrics import Metrics
+from gateway.protocols.http.server import HttpServer
 
 log = logging.getLogger("streamgate")
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.admission import Admission
-from gateway.config import GatewayConfig, HttpUpstream, WorkerPoolUpstream
-from gateway.health import HealthChecker
-from gateway.metrics import Metrics
+from gateway.admission.admit import Admission
+from gateway.config.model import GatewayConfig, HttpUpstream, WorkerPoolUpstream
+from gateway.engine.runtime import Runtime
+from gateway.observe.metrics import Metrics
+from gateway.observe.tracing import Tracing
 from gateway.protocols.http.client import HttpClient
-from gateway.runtime import Runtime
-from gateway.tracing import Tracing
-from gateway.upstreams import http_pool
-from gateway.workers import WorkerSupervisor
+from gateway.upstreams.health import HealthChecker
+from gateway.upstreams.pool import http_pool
+from gateway.upstreams.workers import WorkerSupervisor
 
 
 async def start_runtime(

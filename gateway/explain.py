@@ -6,10 +6,10 @@ import json
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .config import FramingConfig, GatewayConfig, HttpUpstream, Route
-from .config_loader import load_config
-from .errors import ConfigErrors
-from .routing import RequestFacts, Router
+from gateway.config.loader import load_config
+from gateway.config.model import FramingConfig, GatewayConfig, HttpUpstream, Route
+from gateway.engine.routing import RequestFacts, Router
+from gateway.errors import ConfigErrors
 
 
 def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:

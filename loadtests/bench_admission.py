@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 from multidict import CIMultiDict, CIMultiDictProxy  # noqa: E402
 
-from gateway.admission import Admission  # noqa: E402
-from gateway.config_loader import load_config_text  # noqa: E402
+from gateway.admission.admit import Admission  # noqa: E402
+from gateway.config.loader import load_config_text  # noqa: E402
 from gateway.engine.context import RequestContext  # noqa: E402
-from gateway.metrics import Metrics  # noqa: E402
+from gateway.observe.metrics import Metrics  # noqa: E402
 from tests.conftest import GatewayProcess, chat_body, config_yaml  # noqa: E402
 from tests.support.redis_server import RedisServer  # noqa: E402
 from tests.support.scripted_upstream import Respond, ScriptedUpstream  # noqa: E402

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.config_loader import load_config_text
+from gateway.config.loader import load_config_text
 from tests.support.procs import Subprocess
 from tests.support.scripted_upstream import ScriptedUpstream
 

@@ -13,13 +13,13 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admission import Admission, WeightedSemaphore
+from gateway.admission.admit import Admission, WeightedSemaphore
+from gateway.admission.ratelimit import ABSENT_HEADER_KEY, LocalRateLimiter
 from gateway.app import Gateway
-from gateway.config import ConcurrencyLimit, RateLimit
-from gateway.config_loader import load_config, load_config_text
+from gateway.config.loader import load_config, load_config_text
+from gateway.config.model import ConcurrencyLimit, RateLimit
 from gateway.errors import Overloaded, RateLimited
-from gateway.metrics import Metrics
-from gateway.ratelimit import ABSENT_HEADER_KEY, LocalRateLimiter
+from gateway.observe.metrics import Metrics
 from tests.conftest import chat_body, config_yaml
 from tests.support.scripted_upstream import (
     NoResponse,

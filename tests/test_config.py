@@ -14,7 +14,8 @@ from types import MappingProxyType
 import pytest
 import yaml
 
-from gateway.config import (
+from gateway.config.loader import load_config, load_config_text
+from gateway.config.model import (
     AdminConfig,
     Backoff,
     BufferConfig,
@@ -40,7 +41,6 @@ from gateway.config import (
     Weights,
     WorkerPoolUpstream,
 )
-from gateway.config_loader import load_config, load_config_text
 from gateway.errors import ConfigErrors
 
 REPO = Path(__file__).resolve().parent.parent

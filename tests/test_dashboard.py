@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gateway.metrics import Metrics
+from gateway.observe.metrics import Metrics
 from tests.support.spec_metrics import SPEC_SECTION_6
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "helm/streamgate/dashboards/streamgate.json"

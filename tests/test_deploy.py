@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import WorkerPoolUpstream
-from gateway.config_loader import load_config
+from gateway.config.loader import load_config
+from gateway.config.model import WorkerPoolUpstream
 from gateway.errors import ConfigErrors
 from tests.support.spec_metrics import SPEC_SECTION_6
 

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
-from gateway.config_loader import load_config
+from gateway.config.loader import load_config
 from tests.conftest import chat_body, config_yaml, http_upstream
 from tests.support.scripted_upstream import (
     Close,

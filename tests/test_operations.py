@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.config_loader import load_config
+from gateway.config.loader import load_config
 from tests.conftest import GatewayProcess, chat_body
 from tests.support.scripted_upstream import (
     Respond,

@@ -17,14 +17,14 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from gateway.admission import Admission
-from gateway.config import ConcurrencyLimit, RateLimit, StateConfig
-from gateway.config_loader import load_config_text
+from gateway.admission.admit import Admission
+from gateway.admission.redis_ratelimit import RedisRateLimiter
+from gateway.admission.redis_semaphore import GlobalSemaphore
+from gateway.admission.redis_state import DOWN_FOR_S, RedisState
+from gateway.config.loader import load_config_text
+from gateway.config.model import ConcurrencyLimit, RateLimit, StateConfig
 from gateway.errors import Overloaded, RateLimited
-from gateway.metrics import Metrics
-from gateway.redis_ratelimit import RedisRateLimiter
-from gateway.redis_semaphore import GlobalSemaphore
-from gateway.redis_state import DOWN_FOR_S, RedisState
+from gateway.observe.metrics import Metrics
 from tests.conftest import GatewayProcess, chat_body, config_yaml
 from tests.support.redis_server import RedisServer
 from tests.support.scripted_upstream import Respond, Stall, content, role_delta, sse_tokens
@@ -241,7 +241,7 @@ async def test_the_shared_queue_is_fifo_across_replicas(redis_url):
 async def test_a_release_on_one_replica_wakes_a_waiter_on_another_without_polling(
     redis_url, monkeypatch
 ):
-    monkeypatch.setattr("gateway.redis_semaphore.POLL_S", 30.0)  # only an announcement helps
+    monkeypatch.setattr("gateway.admission.redis_semaphore.POLL_S", 30.0)  # only an announcement helps
     config = StateConfig(backend="redis", redis_url=redis_url, lease_ttl=10.0)
     name, limit = unique("wake"), ConcurrencyLimit(capacity=1)
     replica_a, replica_b = RedisState(config), RedisState(config)

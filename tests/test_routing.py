@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.config_loader import load_config_text
-from gateway.routing import RequestFacts, Router
+from gateway.config.loader import load_config_text
+from gateway.engine.routing import RequestFacts, Router
 
 ROUTES = """
 upstreams:

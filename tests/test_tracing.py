@@ -16,10 +16,10 @@ from opentelemetry import trace as otel
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.config import TracingConfig
-from gateway.config_loader import load_config_text
+from gateway.config.loader import load_config_text
+from gateway.config.model import TracingConfig
 from gateway.engine.context import RequestContext
-from gateway.tracing import NO_TRACING, NULL_ATTEMPT, NULL_TRACE, Tracing
+from gateway.observe.tracing import NO_TRACING, NULL_ATTEMPT, NULL_TRACE, Tracing
 from tests.conftest import chat_body, config_yaml
 from tests.support.scripted_upstream import Respond, sse_tokens
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.config import ReadyConfig, RestartConfig, WorkerPoolUpstream
-from gateway.config_loader import load_config
-from gateway.metrics import Metrics
-from gateway.workers import WorkerSupervisor
+from gateway.config.loader import load_config
+from gateway.config.model import ReadyConfig, RestartConfig, WorkerPoolUpstream
+from gateway.observe.metrics import Metrics
+from gateway.upstreams.workers import WorkerSupervisor
 from tests.conftest import GatewayProcess, chat_body
 from tests.support.procs import REPO_ROOT
 

@@ -25,7 +25,7 @@ import json
 import random
 from collections.abc import Mapping
 
-from gateway.config import Backoff, Route
+from gateway.config.model import Backoff, Route
 from gateway.engine.commit import AttemptFailed, HeldResponse, read_until_commit
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
@@ -36,8 +36,8 @@ from gateway.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from gateway.metrics import Metrics
-from gateway.upstreams import Endpoint, UpstreamPool
+from gateway.observe.metrics import Metrics
+from gateway.upstreams.pool import Endpoint, UpstreamPool
 
 # ----------------------------------------------------------------- the retry loop
 

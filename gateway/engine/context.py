@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from gateway.config import Route
-from gateway.tracing import NULL_TRACE, NullTrace, RequestTrace
+from gateway.config.model import Route
+from gateway.observe.tracing import NULL_TRACE, NullTrace, RequestTrace
 
 _MAX_REQUEST_ID = 128
 CLIENT_CLOSED = 499

@@ -19,7 +19,7 @@ from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.engine.framing import Framing
-    from gateway.upstreams import Endpoint, UpstreamPool
+    from gateway.upstreams.pool import Endpoint, UpstreamPool
 
 
 class UpstreamResponse(Protocol):

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway import usage
-from gateway.config import FramingConfig
+from gateway.config.model import FramingConfig
 from gateway.engine import sse, truss
 from gateway.errors import GatewayError, UpstreamReset
+from gateway.observe import usage
 
 
 class Framing:

@@ -18,14 +18,14 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
-from gateway.config import Route
+from gateway.config.model import Route
 from gateway.engine.attempts import open_stream
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Sink
 from gateway.engine.relay import relay
+from gateway.engine.routing import RequestFacts
+from gateway.engine.runtime import Runtime
 from gateway.errors import Draining, GatewayError, NoRoute
-from gateway.routing import RequestFacts
-from gateway.runtime import Runtime
 
 
 class Inbound(Protocol):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway import usage
-from gateway.config import Route
+from gateway.config.model import Route
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
-from gateway.metrics import ChunkGapHistogram, Metrics
+from gateway.observe import usage
+from gateway.observe.metrics import ChunkGapHistogram, Metrics
 
 
 async def relay(

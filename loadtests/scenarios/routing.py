@@ -85,8 +85,8 @@ def _rows(result, shape, small, large, cpu, p50, match) -> None:
 
 def _time_match(yaml_text: str, calls: int) -> float:
     """Microseconds per `Router.match` for the benchmark request."""
-    from gateway.config_loader import load_config_text
-    from gateway.routing import RequestFacts, Router
+    from gateway.config.loader import load_config_text
+    from gateway.engine.routing import RequestFacts, Router
 
     router = Router(load_config_text(yaml_text, "bench.yaml", env={}).routes)
     headers = CIMultiDict({"Content-Type": "application/json", "Accept": "text/event-stream"})

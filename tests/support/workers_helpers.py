@@ -20,9 +20,9 @@ import time
 from aiohttp import web
 
 from gateway import fake_llm
-from gateway.config import ReadyConfig, WorkerPoolUpstream
-from gateway.metrics import Metrics
-from gateway.workers import WorkerSupervisor
+from gateway.config.model import ReadyConfig, WorkerPoolUpstream
+from gateway.observe.metrics import Metrics
+from gateway.upstreams.workers import WorkerSupervisor
 
 FAKE_LLM = (sys.executable, "-m", "gateway", "fake-llm", "--port", "{port}")
 

@@ -13,7 +13,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError
-from gateway.upstreams import REQUEST_SENT, UpstreamPool
+from gateway.upstreams.pool import REQUEST_SENT, UpstreamPool
 
 
 class HttpResponse:

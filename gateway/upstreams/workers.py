@@ -35,10 +35,10 @@ from collections.abc import Collection
 
 import aiohttp
 
-from .config import WorkerPoolUpstream
-from .metrics import Metrics
-from .upstreams import Endpoint, UpstreamPool
-from .worker_process import WorkerProcess, exit_reason
+from gateway.config.model import WorkerPoolUpstream
+from gateway.observe.metrics import Metrics
+from gateway.upstreams.pool import Endpoint, UpstreamPool
+from gateway.upstreams.worker_process import WorkerProcess, exit_reason
 
 log = logging.getLogger("streamgate.workers")
 

@@ -14,8 +14,8 @@ import logging
 
 import aiohttp
 
-from .config import HealthConfig
-from .upstreams import Endpoint, UpstreamPool
+from gateway.config.model import HealthConfig
+from gateway.upstreams.pool import Endpoint, UpstreamPool
 
 log = logging.getLogger("streamgate.health")
 

@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from gateway.config import (
+from gateway.config.model import (
     GatewayConfig,
     HealthConfig,
     HttpUpstream,

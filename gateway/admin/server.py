@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .redact import redacted_config
+from gateway.config.redact import redacted_config
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from gateway.app import Gateway
 
 GATEWAY = web.AppKey("gateway", object)
 

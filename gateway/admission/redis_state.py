@@ -36,8 +36,8 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from .config import StateConfig
-from .errors import StateUnavailable
+from gateway.config.model import StateConfig
+from gateway.errors import StateUnavailable
 
 log = logging.getLogger("streamgate.state")
 

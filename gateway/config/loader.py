@@ -19,10 +19,10 @@ from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_orig
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from gateway.config import Fallback, FramingConfig, GatewayConfig, RateLimit, RouteMatch
-from gateway.config_checks import Problem, check, did_you_mean
-from gateway.config_scalars import BadScalar, read_literal, read_scalar, scalar_text
-from gateway.config_yaml import at, compose, describe
+from gateway.config.checks import Problem, check, did_you_mean
+from gateway.config.model import Fallback, FramingConfig, GatewayConfig, RateLimit, RouteMatch
+from gateway.config.scalars import BadScalar, read_literal, read_scalar, scalar_text
+from gateway.config.yaml_nodes import at, compose, describe
 from gateway.errors import ConfigError, ConfigErrors
 
 __all__ = ["load_config", "load_config_text"]

@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .access_log import AccessLog
-from .admission import Admission
-from .config import GatewayConfig, HttpUpstream
-from .engine.context import RequestContext
-from .health import HealthChecker
-from .metrics import Metrics
-from .routing import Router
-from .tracing import NO_TRACING, NoTracing, Tracing
-from .upstreams import UpstreamPool
-from .workers import WorkerSupervisor
+from gateway.admission.admit import Admission
+from gateway.config.model import GatewayConfig, HttpUpstream
+from gateway.engine.context import RequestContext
+from gateway.engine.routing import Router
+from gateway.observe.access_log import AccessLog
+from gateway.observe.metrics import Metrics
+from gateway.observe.tracing import NO_TRACING, NoTracing, Tracing
+from gateway.upstreams.health import HealthChecker
+from gateway.upstreams.pool import UpstreamPool
+from gateway.upstreams.workers import WorkerSupervisor
 
 log = logging.getLogger("streamgate")
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 
-from .engine.context import RequestContext
+from gateway.engine.context import RequestContext
 
 
 class AccessLog:

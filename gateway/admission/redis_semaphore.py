@@ -29,9 +29,9 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from .config import ConcurrencyLimit
-from .errors import Overloaded, StateUnavailable, queue_timed_out
-from .redis_state import RedisState
+from gateway.admission.redis_state import RedisState
+from gateway.config.model import ConcurrencyLimit
+from gateway.errors import Overloaded, StateUnavailable, queue_timed_out
 
 log = logging.getLogger("streamgate.state")
 

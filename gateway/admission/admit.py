@@ -26,14 +26,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from typing import Any, NamedTuple, Protocol
 
-from .config import ConcurrencyLimit, GatewayConfig, Route
-from .engine.context import RequestContext
-from .errors import Overloaded, RateLimited, queue_timed_out
-from .metrics import Metrics
-from .ratelimit import LocalRateLimiter, RateLimiter, Taken
-from .redis_ratelimit import RedisRateLimiter
-from .redis_semaphore import GlobalSemaphore
-from .redis_state import RedisState
+from gateway.admission.ratelimit import LocalRateLimiter, RateLimiter, Taken
+from gateway.admission.redis_ratelimit import RedisRateLimiter
+from gateway.admission.redis_semaphore import GlobalSemaphore
+from gateway.admission.redis_state import RedisState
+from gateway.config.model import ConcurrencyLimit, GatewayConfig, Route
+from gateway.engine.context import RequestContext
+from gateway.errors import Overloaded, RateLimited, queue_timed_out
+from gateway.observe.metrics import Metrics
 
 
 class Semaphore(Protocol):

@@ -13,8 +13,8 @@ from typing import Annotated, Any, get_args, get_origin
 
 from yaml.nodes import Node, ScalarNode
 
-from gateway.config_checks import did_you_mean
-from gateway.config_yaml import BOOL, FLOAT, INT, NULL, describe, implicit_tag
+from gateway.config.checks import did_you_mean
+from gateway.config.yaml_nodes import BOOL, FLOAT, INT, NULL, describe, implicit_tag
 
 __all__ = ["BadScalar", "read_literal", "read_scalar", "scalar_text"]
 

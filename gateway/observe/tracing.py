@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from opentelemetry import trace as otel
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from gateway.config import TracingConfig
+from gateway.config.model import TracingConfig
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .config import GatewayConfig
+from gateway.config.model import GatewayConfig
 
 REDACTED = "<redacted>"
 

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 
 import aiohttp
 
-from .config import EjectConfig, HttpUpstream, WorkerPoolUpstream
+from gateway.config.model import EjectConfig, HttpUpstream, WorkerPoolUpstream
 
 
 class Endpoint:

@@ -17,10 +17,16 @@ import hashlib
 import math
 from functools import partial
 
-from .config import RateLimit
-from .errors import StateUnavailable
-from .ratelimit import LocalRateLimiter, Taken, bucket_shape, key_function, rejection
-from .redis_state import RedisState
+from gateway.admission.ratelimit import (
+    LocalRateLimiter,
+    Taken,
+    bucket_shape,
+    key_function,
+    rejection,
+)
+from gateway.admission.redis_state import RedisState
+from gateway.config.model import RateLimit
+from gateway.errors import StateUnavailable
 
 # KEYS[1] bucket. ARGV[1] emission interval (µs), ARGV[2] bucket size (requests).
 # Returns {allowed 0|1, remaining, retry_after_ms}. Times are µs of Redis's clock (below 2^53).

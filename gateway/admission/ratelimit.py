@@ -21,8 +21,8 @@ from typing import NamedTuple, Protocol
 from aiolimiter import AsyncLimiter
 from multidict import CIMultiDictProxy
 
-from .config import RateLimit
-from .errors import RateLimited
+from gateway.config.model import RateLimit
+from gateway.errors import RateLimited
 
 ABSENT_HEADER_KEY = "<absent>"
 """Requests without the keyed header share one bucket under this name."""

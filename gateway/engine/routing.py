@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Route
+from gateway.config.model import Route
 
 _CANDIDATE_CACHE_SIZE = 4096
 

@@ -1,0 +1,1 @@
+"""Admission: rate limits, then weighted concurrency; in memory or shared through Redis."""

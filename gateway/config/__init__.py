@@ -1,0 +1,1 @@
+"""The configuration: typed, frozen declarations (model), the YAML loader and its checks."""

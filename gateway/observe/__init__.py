@@ -1,0 +1,1 @@
+"""Observation: Prometheus metrics, OpenTelemetry traces, the access log."""

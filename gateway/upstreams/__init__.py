@@ -1,0 +1,1 @@
+"""Upstreams: pools of endpoints, balancing, outlier ejection, health, the worker supervisor."""
