@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admission.admit import Admission, WeightedSemaphore
+from gateway.admission.admit import Admission
 from gateway.admission.ratelimit import ABSENT_HEADER_KEY, LocalRateLimiter
+from gateway.admission.semaphore import WeightedSemaphore
 from gateway.app import Gateway
 from gateway.config.loader import load_config, load_config_text
 from gateway.config.model import ConcurrencyLimit, RateLimit

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.config.redact import redacted_config
+from gateway.engine.runtime import Runtime
+from gateway.observe.metrics import Metrics
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
-GATEWAY = web.AppKey("gateway", object)
+class Gateway(Protocol):
+    """What the admin listener reads of the running gateway (app.Gateway)."""
+
+    metrics: Metrics
+    runtime: Runtime
+    draining: bool
+
+    async def reload(self) -> list[str]: ...
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
 
 
 def admin_app(gateway: Gateway) -> web.Application:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from gateway.config.model import Route
-from gateway.observe.tracing import NULL_TRACE, NullTrace, RequestTrace
+from gateway.observe.spans import RequestTrace
+from gateway.observe.tracing import NULL_TRACE, NullTrace
 
 _MAX_REQUEST_ID = 128
 CLIENT_CLOSED = 499

@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 
-from gateway.engine.context import RequestContext
+from gateway.observe.request import ObservedRequest
 
 
 class AccessLog:
@@ -14,7 +14,7 @@ class AccessLog:
         self.enabled = enabled
         self._stream = stream or sys.stderr
 
-    def write(self, ctx: RequestContext) -> None:
+    def write(self, ctx: ObservedRequest) -> None:
         if not self.enabled:
             return
         now = asyncio.get_running_loop().time()

@@ -1,0 +1,27 @@
+"""The request as observation sees it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ObservedRequest(Protocol):
+    """What metrics, traces and the access log read of a request: the engine's
+    RequestContext, seen from the layer below it."""
+
+    request_id: str
+    method: str
+    path: str
+    route_name: str
+    upstream: str | None
+    endpoint: str | None
+    model: str | None
+    stream: bool
+    status: int
+    attempts: int
+    chunks: int
+    bytes: int
+    outcome: str
+    error_kind: str | None
+    started: float
+    first_chunk_at: float | None
