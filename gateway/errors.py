@@ -158,6 +158,22 @@ class SlowClient(GatewayError):
     outcome = "slow_client"
 
 
+class PoolExhausted(GatewayError):
+    """Every one of an upstream's `max_connections` stayed busy for the route's `timeouts.queue`:
+    the request waited for the gateway's own capacity, not for a slow backend."""
+
+    status = 503
+    type = "pool_exhausted"
+    condition = "pool_exhausted"
+    outcome = "rejected"
+
+    def __init__(self, upstream: str, limit: int, waited: float) -> None:
+        super().__init__(
+            f"all {limit} connections to upstream {upstream!r} stayed busy for {waited:g}s"
+        )
+        self.retry_after = max(1.0, waited)
+
+
 # ----------------------------------------------------------------- rendering
 
 

@@ -59,7 +59,7 @@ class Runtime:
         but only once the new runtime is whole: if any part fails to start, what was started
         is stopped and `previous` keeps everything it had."""
         pools = {
-            name: http_pool(name, upstream)
+            name: http_pool(name, upstream, metrics)
             for name, upstream in config.upstreams.items()
             if isinstance(upstream, HttpUpstream)
         }
