@@ -322,7 +322,8 @@ async def _try_once(
     try:
         await pool.acquire(endpoint, max(0.0, min(t.queue, ctx.deadline - loop.time())))
     except PoolExhausted as exc:
-        raise AttemptFailed(exc, ("pool_exhausted",), retry_after=exc.retry_after, ejects=False)
+        condition = ("pool_exhausted",)
+        raise AttemptFailed(exc, condition, retry_after=exc.retry_after, ejects=False) from None
     response: aiohttp.ClientResponse | None = None
     reused = False
     try:

@@ -148,8 +148,11 @@ class UpstreamPool:
         self._turn = itertools.count()
         self.session: aiohttp.ClientSession | None = None
         self._metrics = metrics
-        on_eject = (lambda: None) if metrics is None else metrics.endpoint_ejections.labels(name).inc
-        self.outliers = OutlierDetector(name, config.eject, on_eject)
+        self.outliers = OutlierDetector(
+            name,
+            config.eject,
+            (lambda: None) if metrics is None else metrics.endpoint_ejections.labels(name).inc,
+        )
         self._panic_threshold = config.eject.panic_threshold
         self._panic: list[str] = []
         """Why the pool is in panic, as last evaluated (empty: it is not)."""

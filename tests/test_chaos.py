@@ -17,8 +17,9 @@ async def test_requests_whose_upstream_behaves_are_answered_whatever_the_others_
 ):
     async with chaos.upstreams() as (primary, fallback):
         gw = await start_gateway(
-            chaos.gateway_yaml(primary, fallback, consecutive_failures=2, first_chunk="200ms",
-                               chunk_gap="200ms")
+            chaos.gateway_yaml(
+                primary, fallback, consecutive_failures=2, first_chunk="200ms", chunk_gap="200ms"
+            )
         )
         tally = await chaos.run(gw.url, count=160, concurrency=32, seed=12, within_s=30)
     assert tally.good >= 30, tally.summary()  # the plan really has well-behaved readers

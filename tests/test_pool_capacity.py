@@ -38,7 +38,9 @@ def _sample(gw, name: str, **labels: str) -> float:
 
 async def _holding_the_only_connection(client, gw, upstream, release: asyncio.Event):
     """Start a stream that keeps the upstream's one connection until `release` is set."""
-    upstream.script(Respond(sse=True, chunks=[role_delta(), content("a "), WaitFor(release), done()]))
+    upstream.script(
+        Respond(sse=True, chunks=[role_delta(), content("a "), WaitFor(release), done()])
+    )
     task = asyncio.ensure_future(_chat(client, gw))
     await upstream.wait_for_requests(1)
     return task
@@ -107,9 +109,7 @@ async def test_pool_exhausted_can_move_to_the_fallback(start_gateway, upstream, 
         assert len(fallback.requests) == 1
         release.set()
         await first
-        assert (
-            _sample(gw, "streamgate_retries_total", route="r", reason="pool_exhausted") == 1
-        )
+        assert _sample(gw, "streamgate_retries_total", route="r", reason="pool_exhausted") == 1
 
 
 @pytest.mark.parametrize("kind", ["http", "worker_pool"])

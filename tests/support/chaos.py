@@ -150,7 +150,9 @@ def plan(count: int, seed: int, fault_share: float = 0.5) -> list[tuple[str, str
     ]
 
 
-async def run(url: str, count: int, concurrency: int, seed: int = 12, within_s: float = 120) -> Tally:
+async def run(
+    url: str, count: int, concurrency: int, seed: int = 12, within_s: float = 120
+) -> Tally:
     """Send the planned requests to the gateway at `url`, `concurrency` at a time."""
     tally = Tally()
     todo = iter(plan(count, seed))
