@@ -41,8 +41,9 @@ async def run(bench: Bench) -> ScenarioResult:
         config = bench.workdir / "chaos.yaml"
         config.write_text(chaos.gateway_yaml(primary, fallback, first_chunk="1s", chunk_gap="1s"))
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+        source = {"cwd": bench.gateway_source} if bench.gateway_source is not None else {}
         gateway = await bench.group.spawn("gateway", argv, cpus=bench.layout.proxy,
-                                          announce=GATEWAY_ANNOUNCE)
+                                          announce=GATEWAY_ANNOUNCE, **source)
         assert gateway.url is not None
         tally = await chaos.run(gateway.url, s.chaos_requests, s.chaos_concurrency,
                                 within_s=s.timeout_s)
