@@ -24,7 +24,7 @@ async def start_runtime(
     but only once the new runtime is whole: if any part fails to start, what was started
     is stopped and `previous` keeps everything it had."""
     pools = {
-        name: http_pool(name, upstream)
+        name: http_pool(name, upstream, metrics, HttpClient)
         for name, upstream in config.upstreams.items()
         if isinstance(upstream, HttpUpstream)
     }
@@ -48,8 +48,6 @@ async def start_runtime(
         if kept.get(name) is supervisor:
             del kept[name]  # taken over: the old runtime must not stop it
     pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
-    for pool in pools.values():
-        pool.client = HttpClient(pool)
     runtime = Runtime(config, pools, metrics, admission, supervisors, tracing)
     for name, upstream in config.upstreams.items():
         if isinstance(upstream, HttpUpstream) and upstream.health is not None:
@@ -74,5 +72,5 @@ async def _start_worker_pools(
         if name in kept and kept[name].config == upstream:
             supervisors[name] = kept[name]
         else:
-            supervisors[name] = WorkerSupervisor(name, upstream, metrics)
+            supervisors[name] = WorkerSupervisor(name, upstream, metrics, HttpClient)
             await supervisors[name].start()

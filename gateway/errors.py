@@ -121,6 +121,11 @@ class UpstreamConnectError(GatewayError):
     type = "upstream_unavailable"
     condition = "connect_error"
 
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+        """The connection was refused: no server process ever saw the request."""
+
 
 class UpstreamReset(GatewayError):
     """The upstream dropped the connection (before or after the commit point)."""
@@ -154,6 +159,22 @@ class SlowClient(GatewayError):
     type = "slow_client"
     condition = "slow_client"
     outcome = "slow_client"
+
+
+class PoolExhausted(GatewayError):
+    """Every one of an upstream's `max_connections` stayed busy for the route's `timeouts.queue`:
+    the request waited for the gateway's own capacity, not for a slow backend."""
+
+    status = 503
+    type = "pool_exhausted"
+    condition = "pool_exhausted"
+    outcome = "rejected"
+
+    def __init__(self, upstream: str, limit: int, waited: float) -> None:
+        super().__init__(
+            f"all {limit} connections to upstream {upstream!r} stayed busy for {waited:g}s"
+        )
+        self.retry_after = max(1.0, waited)
 
 
 # ----------------------------------------------------------------- the body every protocol shows

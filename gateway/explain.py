@@ -7,7 +7,7 @@ import json
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.loader import load_config
-from gateway.config.model import FramingConfig, GatewayConfig, HttpUpstream, Route
+from gateway.config.model import EjectConfig, FramingConfig, GatewayConfig, HttpUpstream, Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.errors import ConfigErrors
 
@@ -113,7 +113,25 @@ def _upstream_lines(config: GatewayConfig, route: Route) -> list[str]:
         else:
             workers = len(upstream.gpus) if upstream.gpus is not None else upstream.count
             lines.append(f"  {i}. {name}: worker pool of {workers}, {upstream.balance}{rewrite}")
+        lines.append("     " + _capacity_line(upstream.max_connections, route))
+        lines.append("     " + _eject_line(upstream.eject))
     return lines
+
+
+def _capacity_line(max_connections: int, route: Route) -> str:
+    return (
+        f"at most {max_connections} requests in flight to it; a try waits up to "
+        f"timeouts.queue {route.timeouts.queue:g}s for one, then fails as pool_exhausted (503)"
+    )
+
+
+def _eject_line(eject: EjectConfig) -> str:
+    return (
+        f"eject after {eject.consecutive_failures} failures in a row (per endpoint and model) "
+        f"for {eject.cooldown:g}s growing to {eject.max_cooldown:g}s, at most "
+        f"{eject.max_ejected_percent}% of endpoints at once; panic below "
+        f"{eject.panic_threshold}% in rotation"
+    )
 
 
 def _policy_lines(route: Route) -> list[str]:

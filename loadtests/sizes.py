@@ -41,6 +41,9 @@ class Sizes:
     routing_requests: int = 6000
     routing_concurrency: int = 16
     routing_match_calls: int = 20000
+    # 7. chaos: per-request upstream faults x client behaviours (tests/support/chaos.py)
+    chaos_requests: int = 2400
+    chaos_concurrency: int = 200
     # every load phase
     timeout_s: float = 120.0
     quiet_wait_s: float = 30.0  # before each scenario, wait up to this long for a quiet machine
@@ -49,6 +52,8 @@ class Sizes:
 STANDARD = Sizes()
 
 QUICK = Sizes(
+    chaos_requests=400,
+    chaos_concurrency=50,
     ceiling_streams=60,
     ceiling_tokens=64,
     ttfc_levels=((1, 40, 8, 400.0), (64, 192, 16, 50.0)),

@@ -607,7 +607,7 @@ async def test_a_reload_keeps_a_limits_live_state_and_applies_a_new_capacity(
         assert [(await t)[0].status for t in (holder, queued)] == [200, 200]
         await gauges_return_to_zero(client, gw, "slots")
         await eventually(  # the old runtime closes once its streams are done
-            lambda: all(p.session.closed for p in old_runtime.pools.values()), what="old closed"
+            lambda: all(p.client.session.closed for p in old_runtime.pools.values()), what="old closed"
         )
     finally:
         await gateway.stop()

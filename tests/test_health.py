@@ -71,4 +71,10 @@ async def test_readyz_fails_when_no_upstream_has_an_endpoint_in_rotation(start_g
                         body = await resp.json()
                         break
                 await asyncio.sleep(0.02)
-        assert body == {"ready": False, "reasons": ["no upstream has an endpoint in rotation"]}
+        assert body["ready"] is False
+        assert body["reasons"][0] == "no upstream has an endpoint in rotation"
+        # Issue 12: panic is reported too (the lone endpoint is still tried, not refused).
+        assert body["reasons"][1:] == [
+            "up: panic, 0 of 1 endpoints in rotation (panic_threshold 50%);"
+            " balancing across all of them"
+        ]

@@ -27,6 +27,7 @@ import pytest
 from gateway.config.loader import load_config
 from gateway.config.model import ReadyConfig, RestartConfig, WorkerPoolUpstream
 from gateway.observe.metrics import Metrics
+from gateway.protocols.http.client import HttpClient
 from gateway.upstreams.workers import WorkerSupervisor
 from tests.conftest import GatewayProcess, chat_body
 from tests.support.procs import REPO_ROOT
@@ -63,7 +64,7 @@ async def supervise():
     started: list[WorkerSupervisor] = []
 
     async def start(config: WorkerPoolUpstream, name: str = "p") -> WorkerSupervisor:
-        supervisor = WorkerSupervisor(name, config, Metrics())
+        supervisor = WorkerSupervisor(name, config, Metrics(), HttpClient)
         started.append(supervisor)
         await supervisor.start()
         return supervisor

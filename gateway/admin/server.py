@@ -54,9 +54,12 @@ async def readyz(request: web.Request) -> web.Response:
     if gateway.draining:
         reasons.append("draining")
     runtime = gateway.runtime
-    if not any(pool.any_available() for pool in runtime.pools.values()):
+    if not any(pool.serving() for pool in runtime.pools.values()):
         reasons.append("no upstream has an endpoint in rotation")
     ready = not reasons
+    # Panic is reported, not unready: the pool still serves, across all its endpoints.
+    for pool in runtime.pools.values():
+        reasons.extend(pool.panic_reasons())
     # Workers out of rotation are reported, but do not by themselves make the gateway unready
     # while some upstream still serves: a crash loop is visible here, not silent.
     for supervisor in runtime.supervisors.values():

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from gateway.config.model import (
+    EjectConfig,
     GatewayConfig,
     HealthConfig,
     HttpUpstream,
@@ -25,7 +26,7 @@ from gateway.config.model import (
     WorkerPoolUpstream,
 )
 
-RETRY_CONDITIONS = ("connect_error", "reset", "empty_body", "first_chunk_timeout")
+RETRY_CONDITIONS = ("connect_error", "reset", "empty_body", "first_chunk_timeout", "pool_exhausted")
 """Retry conditions with a fixed meaning; other words in retry lists are upstream error codes."""
 RATE_KEYS = ("route", "client_ip")
 _STATUS = re.compile(r"[-+]?\d+")
@@ -106,9 +107,19 @@ def _upstreams(cfg: GatewayConfig) -> Problems:
         path = f"upstreams.{name}"
         yield from _UPSTREAM_CHECKS[type(upstream)](path, upstream)
         yield from _at_least(f"{path}.max_connections", upstream.max_connections, 1)
-        yield from _at_least(
-            f"{path}.eject.consecutive_failures", upstream.eject.consecutive_failures, 1
-        )
+        yield from _eject(f"{path}.eject", upstream.eject)
+
+
+def _eject(path: str, eject: EjectConfig) -> Problems:
+    yield from _at_least(f"{path}.consecutive_failures", eject.consecutive_failures, 1)
+    yield from _positive(f"{path}.cooldown", eject.cooldown, "s")
+    if eject.max_cooldown < eject.cooldown:
+        message = f"must be at least cooldown ({eject.cooldown:g}s), got {eject.max_cooldown:g}s"
+        yield Problem(f"{path}.max_cooldown", message)
+    for name in ("max_ejected_percent", "panic_threshold"):
+        value = getattr(eject, name)
+        if not 0 <= value <= 100:
+            yield Problem(f"{path}.{name}", f"must be a percentage 0-100, got {value}")
 
 
 def _http(path: str, upstream: HttpUpstream) -> Problems:
@@ -274,6 +285,10 @@ def _retry(path: str, retry: RetryPolicy) -> Problems:
     for listed in ("on", "fallback_on"):
         for j, condition in enumerate(getattr(retry, listed)):
             yield from _condition(f"{path}.{listed}[{j}]", condition)
+    for j, condition in enumerate(retry.fallback_on):
+        if condition in retry.on:  # fallback_on would win: the retry could never happen
+            message = f"'{condition}' is also in retry.on; list it in one of them"
+            yield Problem(f"{path}.fallback_on[{j}]", message)
     backoff = retry.backoff
     if backoff.max < backoff.base:
         message = f"must be at least backoff.base ({backoff.base:g}s), got {backoff.max:g}s"

@@ -20,7 +20,15 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.config.checks import Problem, check, did_you_mean
-from gateway.config.model import Fallback, FramingConfig, GatewayConfig, RateLimit, RouteMatch
+from gateway.config.model import (
+    DEFAULT_FALLBACK_ON,
+    Fallback,
+    FramingConfig,
+    GatewayConfig,
+    RateLimit,
+    RetryPolicy,
+    RouteMatch,
+)
 from gateway.config.scalars import BadScalar, read_literal, read_scalar, scalar_text
 from gateway.config.yaml_nodes import at, compose, describe
 from gateway.errors import ConfigError, ConfigErrors
@@ -81,6 +89,19 @@ _NORMALIZE: dict[tuple[type, str], Callable[[Any], Any]] = {
     (RouteMatch, "headers"): _lower_keys,
     (RateLimit, "key"): _lower_header_key,
 }
+
+
+def _retry_defaults(values: dict[str, Any]) -> None:
+    # A condition the operator retries on the same upstream must not be overridden by the
+    # *default* fallback_on (which fallback_on wins): `on: [first_chunk_timeout]` means retry
+    # it. An explicit fallback_on is kept as written (config_checks rejects overlaps).
+    if "on" in values and "fallback_on" not in values:
+        on = values["on"]
+        values["fallback_on"] = tuple(c for c in DEFAULT_FALLBACK_ON if c not in on)
+
+
+# Applied to a dataclass's converted fields before it is built: defaults that depend on others.
+_COMPLETE: dict[type, Callable[[dict[str, Any]], None]] = {RetryPolicy: _retry_defaults}
 
 
 class _FieldSpec(NamedTuple):
@@ -242,6 +263,9 @@ class _Converter:
             failed = True
         if failed:
             raise _Invalid
+        complete = _COMPLETE.get(cls)
+        if complete is not None:
+            complete(values)
         return cls(**values)
 
     def _field(self, cls: type, spec: _FieldSpec, node: Node, path: str) -> Any:

@@ -107,10 +107,30 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class EjectConfig:
+    """Passive outlier detection, per endpoint and model sent upstream (see upstreams.py).
+
+    What counts is a failure of the endpoint before the commit point: connect errors, resets,
+    `first_chunk_timeout` and 5xx answers. Never: a 4xx (429 included), the client going
+    away, the request's own `total` budget running out, `pool_exhausted` (the gateway's own
+    cap), a stale keep-alive connection, or anything after the commit point (a stream cut or
+    stalled once content flowed is that request's fault, counted in stream errors)."""
+
     consecutive_failures: int = 5
-    """Connect errors, resets, pre-commit timeouts and 5xx in a row (4xx never count)."""
+    """Failures in a row (see above) that eject the endpoint for that model; a success resets."""
     cooldown: Seconds = 30.0
-    """How long an ejected endpoint is skipped before it is tried again."""
+    """Ejection time the first time; an endpoint ejected again is skipped `cooldown` times the
+    number of its recent ejections, up to `max_cooldown`."""
+    max_cooldown: Seconds = 300.0
+    """Cap on the growing ejection time; an endpoint not ejected for this long starts over."""
+    max_ejected_percent: int = 50
+    """Percent (0-100) of an upstream's endpoints that may be ejected at once for one model,
+    rounded down but at least one (so a lone endpoint can still be skipped for a fallback);
+    0 turns ejection off. Failures past the cap keep counting and eject once room frees up."""
+    panic_threshold: int = 50
+    """Percent (0-100). When fewer than this share of the endpoints is in rotation for a model
+    (ejected or failing health checks), the upstream is in panic and balances across all of
+    them rather than overload the few or refuse with 503. An upstream with none in rotation is
+    still skipped while a later fallback of the route has one. 0 turns panic off."""
 
 
 Balance = Literal["round_robin", "least_outstanding", "weighted"]
@@ -127,7 +147,9 @@ class HttpUpstream:
     """Active probes; without this block every endpoint counts as ready."""
     eject: EjectConfig = EjectConfig()
     max_connections: int = 256
-    """Connection pool bound per upstream (all endpoints together)."""
+    """Requests in flight to this upstream at once (all endpoints together; one connection
+    each). A try that finds them all busy waits up to the route's `timeouts.queue` for one,
+    then fails with the condition `pool_exhausted` (503 with Retry-After unless retried)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +188,7 @@ class WorkerPoolUpstream:
     balance: Balance = "least_outstanding"
     eject: EjectConfig = EjectConfig()
     max_connections: int = 256
+    """As for `kind: http`: requests in flight to the pool at once, across its workers."""
 
 
 Upstream = HttpUpstream | WorkerPoolUpstream
@@ -236,7 +259,8 @@ class Fallback:
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     queue: Seconds = 5.0
-    """Longest wait for concurrency units."""
+    """Longest wait for concurrency units; separately, the longest wait of each try for one of
+    its upstream's `max_connections` (that wait does not eat into connect or first_chunk)."""
     connect: Seconds = 2.0
     first_chunk: Seconds = 30.0
     """From request sent to the first content chunk (the commit point)."""
@@ -265,10 +289,13 @@ class RetryPolicy:
     """Tries per upstream, the first included (3 = at most 3 requests to it)."""
     on: tuple[str, ...] = DEFAULT_RETRY_ON
     """Conditions retried on the same upstream: `connect_error`, `reset`, `empty_body`,
-    `first_chunk_timeout`, a status code, or an error code from the upstream's JSON error body.
+    `first_chunk_timeout`, `pool_exhausted`, a status code, or an error code from the
+    upstream's JSON error body.
     Status codes are held as strings ("429")."""
     fallback_on: tuple[str, ...] = DEFAULT_FALLBACK_ON
-    """Conditions that skip straight to the next fallback."""
+    """Conditions that skip straight to the next fallback. Left out, it is the default minus
+    the conditions written in `on`, so `on: [first_chunk_timeout]` retries that condition on
+    the same upstream; written out, a condition may not be in both lists."""
     backoff: Backoff = Backoff()
 
 

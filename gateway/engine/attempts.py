@@ -14,8 +14,11 @@ tries (the first included), preferring an endpoint this request has not tried. A
   failure becomes 502, a timeout 504.
 When everything has failed, the client gets the most recent answer any upstream sent.
 
-A protocol's client raises `UpstreamConnectError` itself, and lists in `broken` the exceptions
-that mean a dropped exchange; the rest is translated here, once.
+One kind of failure costs no try: one that provably never reached a live server process (the
+connection was refused, or a reused keep-alive connection turned out dead before any response
+byte, as when a worker was killed). It is retried at once on another endpoint (or a fresh
+connection), at most once per endpoint of the upstream, without consuming a `retry.attempts`
+try: the operator's count is of requests an upstream could have worked on.
 """
 
 from __future__ import annotations
@@ -26,20 +29,20 @@ import random
 from collections.abc import Mapping
 
 from gateway.config.model import Backoff, Route
-from gateway.engine.commit import AttemptFailed, HeldResponse, read_until_commit
+from gateway.engine.commit import AttemptFailed, HeldResponse
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
+from gateway.engine.try_once import try_once
 from gateway.errors import (
     GatewayError,
     NoHealthyUpstream,
+    PoolExhausted,
     UpstreamConnectError,
-    UpstreamReset,
     UpstreamTimeout,
 )
 from gateway.observe.metrics import Metrics
-from gateway.upstreams.pool import Endpoint, UpstreamPool
-
-# ----------------------------------------------------------------- the retry loop
+from gateway.upstreams.endpoint import Endpoint
+from gateway.upstreams.pool import UpstreamPool
 
 
 async def open_stream(
@@ -49,61 +52,114 @@ async def open_stream(
     headers: dict,
     metrics: Metrics,
 ) -> Opened:
-    policy = route.retry
-    held: HeldResponse | None = None
-    error: GatewayError | None = None
-    retry_reason: str | None = None  # why the next try, if one happens, is a retry
+    tries = _Tries(ctx, route, headers, metrics)
+    hops = _hops(route)
     loop = asyncio.get_running_loop()
-    for upstream, model in _hops(route):
-        pool = pools[upstream]
-        body = _with_model(ctx, model)
-        tried: set[Endpoint] = set()
-        for attempt in range(1, policy.attempts + 1):
-            endpoint = pool.pick(tried)
-            if endpoint is None:
-                error = error or NoHealthyUpstream(
-                    f"upstream {upstream!r} has no endpoint in rotation"
-                )
-                break
-            if retry_reason is not None:  # a retry is a try that follows a failure
-                metrics.child(metrics.retries, route.name, retry_reason).inc()
-                ctx.trace.retry(retry_reason)
-                retry_reason = None
-            tried.add(endpoint)
-            ctx.upstream, ctx.endpoint = upstream, endpoint.url
-            ctx.attempts += 1
-            span = ctx.trace.attempt(upstream, endpoint.url, headers)
-            try:
-                opened = await _try_once(ctx, route, pool, endpoint, body, headers)
-            except AttemptFailed as failed:
-                outcome = _attempt_outcome(failed)
-                span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
-                metrics.child(metrics.upstream_attempts, upstream, outcome).inc()
-                held = failed.held or held
-                error = failed.error
-                matched = _decide(failed.conditions, route)
-                if matched is None:
-                    return _final(failed)
-                retry_reason = failed.reason
-                if matched == "fallback" or attempt == policy.attempts:
-                    break
-                delay = backoff_delay(policy.backoff, attempt, failed.retry_after)
-                if loop.time() + delay >= ctx.deadline:
-                    break
-                await asyncio.sleep(delay)
-            else:
-                span.answered(opened.status)
-                outcome = "ok" if opened.status < 400 else "upstream_error"
-                metrics.child(metrics.upstream_attempts, upstream, outcome).inc()
-                return opened
+    for i, (upstream, model) in enumerate(hops):
+        # A pool with nothing in rotation is skipped while a later hop has something; when
+        # none has, it is tried anyway if in panic (rather than refusing the request).
+        later = hops[i + 1 :]
+        last_resort = not any(pools[u].has_endpoint_for(m or ctx.model) for u, m in later)
+        opened = await tries.on_upstream(pools[upstream], model, last_resort)
+        if opened is not None:
+            return opened
         if loop.time() >= ctx.deadline:
             break
-    if held is not None:
-        return held.opened()
-    raise error or NoHealthyUpstream("no upstream could be tried")
+    if tries.held is not None:
+        return tries.held.opened()
+    raise tries.error or NoHealthyUpstream("no upstream could be tried")
+
+
+class _Tries:
+    """One request's tries across its hops, and what the failed ones left behind."""
+
+    __slots__ = ("ctx", "route", "headers", "metrics", "held", "error", "retry_reason")
+
+    def __init__(self, ctx: RequestContext, route: Route, headers: dict, metrics: Metrics) -> None:
+        self.ctx, self.route, self.headers, self.metrics = ctx, route, headers, metrics
+        self.held: HeldResponse | None = None
+        self.error: GatewayError | None = None
+        self.retry_reason: str | None = None  # why the next try, if one happens, is a retry
+
+    async def on_upstream(
+        self, pool: UpstreamPool, model: str | None, last_resort: bool
+    ) -> Opened | None:
+        """Up to `retry.attempts` tries on one upstream: the Opened answer, None to move on
+        to the next hop, or (for an unlisted condition) the final answer raised or returned."""
+        ctx, policy = self.ctx, self.route.retry
+        body = _with_model(ctx, model)
+        sent_model = model if model is not None else ctx.model
+        tried: set[Endpoint] = set()
+        attempt, free_left = 0, len(pool.endpoints)
+        while attempt < policy.attempts:
+            endpoint = pool.pick(tried, sent_model, last_resort)
+            if endpoint is None:
+                self.error = self.error or NoHealthyUpstream(
+                    f"upstream {pool.name!r} has no endpoint in rotation"
+                )
+                return None
+            self._count_retry()
+            tried.add(endpoint)
+            try:
+                opened = await self._try(pool, endpoint, body, sent_model)
+            except AttemptFailed as failed:
+                self.held = failed.held or self.held
+                self.error = failed.error
+                if failed.free and free_left:
+                    free_left -= 1
+                    self.retry_reason = failed.reason
+                    continue
+                attempt += 1
+                matched = _decide(failed.conditions, self.route)
+                if matched is None:
+                    return _final(failed)
+                self.retry_reason = failed.reason
+                if matched == "fallback" or attempt == policy.attempts:
+                    return None
+                if not await self._backoff(attempt, failed.retry_after):
+                    return None
+            else:
+                return opened
+        return None
+
+    def _count_retry(self) -> None:
+        if self.retry_reason is not None:  # a retry is a try that follows a failure
+            self.metrics.child(self.metrics.retries, self.route.name, self.retry_reason).inc()
+            self.ctx.trace.retry(self.retry_reason)
+            self.retry_reason = None
+
+    async def _try(
+        self, pool: UpstreamPool, endpoint: Endpoint, body: bytes, model: str | None
+    ) -> Opened:
+        ctx, metrics = self.ctx, self.metrics
+        ctx.upstream, ctx.endpoint = pool.name, endpoint.url
+        ctx.attempts += 1
+        span = ctx.trace.attempt(pool.name, endpoint.url, self.headers)
+        try:
+            opened = await try_once(ctx, self.route, pool, endpoint, body, model, self.headers)
+        except AttemptFailed as failed:
+            outcome = _attempt_outcome(failed)
+            span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
+            metrics.child(metrics.upstream_attempts, pool.name, outcome).inc()
+            raise
+        span.answered(opened.status)
+        outcome = "ok" if opened.status < 400 else "upstream_error"
+        metrics.child(metrics.upstream_attempts, pool.name, outcome).inc()
+        return opened
+
+    async def _backoff(self, attempt: int, retry_after: float | None) -> bool:
+        """Sleep before the next try; False when that would run past the deadline."""
+        loop = asyncio.get_running_loop()
+        delay = backoff_delay(self.route.retry.backoff, attempt, retry_after)
+        if loop.time() + delay >= self.ctx.deadline:
+            return False
+        await asyncio.sleep(delay)
+        return True
 
 
 def _attempt_outcome(failed: AttemptFailed) -> str:
+    if isinstance(failed.error, PoolExhausted):
+        return "pool_exhausted"
     if isinstance(failed.error, UpstreamTimeout):
         return "timeout"
     if isinstance(failed.error, UpstreamConnectError):
@@ -143,77 +199,3 @@ def backoff_delay(backoff: Backoff, retry_number: int, retry_after: float | None
         return min(retry_after, backoff.max)
     delay = min(backoff.max, backoff.base * 2 ** (retry_number - 1))
     return random.uniform(delay / 2, delay) if backoff.jitter else delay
-
-
-# ----------------------------------------------------------------- one try
-
-
-async def _try_once(
-    ctx: RequestContext,
-    route: Route,
-    pool: UpstreamPool,
-    endpoint: Endpoint,
-    body: bytes,
-    headers: dict,
-) -> Opened:
-    t = route.timeouts
-    loop = asyncio.get_running_loop()
-    client = pool.client
-    endpoint.outstanding += 1
-    response = None
-    try:
-        # Until the connection is ready, connect and first_chunk share one bound; then the
-        # request goes out and first_chunk counts from there.
-        async with asyncio.timeout_at(
-            min(loop.time() + t.connect + t.first_chunk, ctx.deadline)
-        ) as scope:
-
-            def request_sent() -> None:
-                scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
-
-            response = await client.send(
-                ctx.method, endpoint.url + ctx.path, body, headers, t.connect, request_sent
-            )
-            opened = await read_until_commit(ctx, route, response)
-    except BaseException as exc:
-        if response is not None:
-            response.close()
-        endpoint.outstanding -= 1
-        timeout_condition = (
-            "total_timeout" if loop.time() >= ctx.deadline else "first_chunk_timeout"
-        )
-        failed = _translate(exc, timeout_condition, pool.name, client.broken)
-        if failed is None:
-            raise
-        if failed.ejects:
-            pool.record_failure(endpoint)
-        raise failed from exc
-    if opened.status >= 500:
-        pool.record_failure(endpoint)
-    elif opened.status < 400:
-        pool.record_success(endpoint)
-    opened.pool, opened.endpoint = pool, endpoint
-    if opened.complete:
-        opened.finish(clean=True)  # nothing more to read: the connection can be reused
-    return opened
-
-
-def _translate(
-    exc: BaseException,
-    timeout_condition: str,
-    upstream: str,
-    broken: tuple[type[BaseException], ...],
-) -> AttemptFailed | None:
-    """Where a try's exceptions become the gateway's conditions."""
-    if isinstance(exc, AttemptFailed):
-        return exc
-    if isinstance(exc, GatewayError):  # raised by the protocol's client (connect errors)
-        return AttemptFailed(exc, (exc.condition,))
-    if isinstance(exc, TimeoutError):
-        what = "first chunk" if timeout_condition == "first_chunk_timeout" else "total time"
-        err = UpstreamTimeout(f"upstream {upstream!r} ran out of {what}", timeout_condition)
-        return AttemptFailed(err, (timeout_condition,))
-    if isinstance(exc, broken):
-        err = UpstreamReset(f"upstream {upstream!r} dropped the connection: {exc}")
-        return AttemptFailed(err, ("reset",))
-    return None  # cancellation and programming errors pass through

@@ -44,6 +44,7 @@ class AttemptFailed(Exception):
         held: HeldResponse | None = None,
         retry_after: float | None = None,
         ejects: bool = True,
+        free: bool = False,
     ) -> None:
         super().__init__(error.message)
         self.error = error
@@ -54,6 +55,8 @@ class AttemptFailed(Exception):
         self.retry_after = retry_after
         self.ejects = ejects
         """Counts toward passive ejection (connect errors, resets, timeouts and 5xx)."""
+        self.free = free
+        """Never reached a live server process: retried without consuming a try."""
 
     @property
     def reason(self) -> str:

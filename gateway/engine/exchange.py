@@ -19,7 +19,8 @@ from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.engine.framing import Framing
-    from gateway.upstreams.pool import Endpoint, UpstreamPool
+    from gateway.upstreams.endpoint import Endpoint
+    from gateway.upstreams.pool import UpstreamPool
 
 
 class UpstreamResponse(Protocol):
@@ -52,12 +53,16 @@ class UpstreamClient(Protocol):
         body: bytes,
         headers: Mapping[str, str],
         connect_timeout: float,
-        on_sent: Callable[[], None],
+        on_sent: Callable[[bool], None],
     ) -> UpstreamResponse:
-        """Send one request and read the response's head. Calls `on_sent` once the
-        connection is ready and the request goes out; raises `UpstreamConnectError` when
-        no connection could be made."""
+        """Send one request and read the response's head. Calls `on_sent(reused)` once the
+        connection is ready and the request goes out (`reused`: on a kept-alive connection,
+        which may have died while idle); raises `UpstreamConnectError` when no connection
+        could be made (`refused=True` when nothing listened)."""
         ...
+
+    def drop_idle(self, endpoint: Endpoint) -> None:
+        """Close the idle kept-alive connections to `endpoint` (its process is gone)."""
 
 
 class Opened:
@@ -90,7 +95,7 @@ class Opened:
         """Let go of the upstream: the connection is reused only after a whole body;
         otherwise it is closed."""
         if self.endpoint is not None:
-            self.endpoint.outstanding -= 1
+            self.pool.release(self.endpoint)
             self.endpoint = None
         if self.response is not None:
             if clean:

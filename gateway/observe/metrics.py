@@ -90,15 +90,22 @@ class StateCollector:
             waiting.add_metric([name], semaphore.waiting)
         healthy = GaugeMetricFamily(
             "streamgate_endpoint_healthy",
-            "1 when the endpoint is in rotation (healthy and not ejected).",
+            "1 when the endpoint is in rotation (healthy and not ejected for any model).",
             labels=["upstream", "endpoint"],
         )
         for pool in runtime.pools.values():
             for endpoint in pool.endpoints:
-                healthy.add_metric(
-                    [pool.name, endpoint.url], 1.0 if endpoint.in_rotation() else 0.0
-                )
-        yield from (in_use, capacity, waiting, healthy)
+                in_rotation = pool.endpoint_in_rotation(endpoint)
+                healthy.add_metric([pool.name, endpoint.url], 1.0 if in_rotation else 0.0)
+        panic = GaugeMetricFamily(
+            "streamgate_upstream_panic",
+            "1 while too few of the upstream's endpoints are in rotation (panic threshold):"
+            " it balances across all of them.",
+            labels=["upstream"],
+        )
+        for pool in runtime.pools.values():
+            panic.add_metric([pool.name], 1.0 if pool.panic_reasons() else 0.0)
+        yield from (in_use, capacity, waiting, healthy, panic)
 
 
 class Metrics:
@@ -199,6 +206,25 @@ class Metrics:
             "Completion tokens per second of streaming, where the upstream reports usage.",
             ["route", "upstream"],
             buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.upstream_pool_wait = Histogram(
+            "streamgate_upstream_pool_wait_seconds",
+            "Time a try waited for one of its upstream's max_connections.",
+            ["upstream"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.upstream_pool_exhausted = Counter(
+            "streamgate_upstream_pool_exhausted_total",
+            "Tries that gave up waiting for one of the upstream's max_connections.",
+            ["upstream"],
+            registry=r,
+        )
+        self.endpoint_ejections = Counter(
+            "streamgate_endpoint_ejections_total",
+            "Passive ejections of an endpoint (for one model) by outlier detection.",
+            ["upstream"],
             registry=r,
         )
         r.register(StateCollector(runtime))

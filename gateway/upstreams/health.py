@@ -15,7 +15,8 @@ import logging
 import aiohttp
 
 from gateway.config.model import HealthConfig
-from gateway.upstreams.pool import Endpoint, UpstreamPool
+from gateway.upstreams.endpoint import Endpoint
+from gateway.upstreams.pool import UpstreamPool
 
 log = logging.getLogger("streamgate.health")
 
@@ -42,10 +43,11 @@ class HealthChecker:
             await asyncio.sleep(self.config.interval)
 
     async def _probe(self, endpoint: Endpoint) -> None:
-        assert self.pool.session is not None
+        session = self.pool.client.session
+        assert session is not None
         timeout = aiohttp.ClientTimeout(total=self.config.timeout)
         try:
-            async with self.pool.session.get(endpoint.url + self.config.path, timeout=timeout) as r:
+            async with session.get(endpoint.url + self.config.path, timeout=timeout) as r:
                 await r.read()
                 ok = r.status == 200
                 problem = f"answered {r.status}"

@@ -31,13 +31,15 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from typing import Any
 
 import aiohttp
 
 from gateway.config.model import WorkerPoolUpstream
 from gateway.observe.metrics import Metrics
-from gateway.upstreams.pool import Endpoint, UpstreamPool
+from gateway.upstreams.endpoint import Endpoint
+from gateway.upstreams.pool import UpstreamPool
 from gateway.upstreams.worker_process import WorkerProcess, exit_reason
 
 log = logging.getLogger("streamgate.workers")
@@ -102,7 +104,14 @@ class Worker:
 
 
 class WorkerSupervisor:
-    def __init__(self, name: str, config: WorkerPoolUpstream, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: WorkerPoolUpstream,
+        metrics: Metrics,
+        client: Callable[[UpstreamPool], Any],
+    ) -> None:
+        """`client` builds the protocol client the workers are reached with."""
         self.name = name
         self.config = config
         self._metrics = metrics
@@ -111,7 +120,8 @@ class WorkerSupervisor:
         for index, gpu in enumerate(gpus):
             port = _choose_port(config, index, None, {w.port for w in self.workers})
             self.workers.append(Worker(f"{name}[{index}]", index, gpu, port, self._url(port)))
-        self.pool = UpstreamPool(name, config, (w.endpoint for w in self.workers))
+        endpoints = (w.endpoint for w in self.workers)
+        self.pool = UpstreamPool(name, config, endpoints, metrics, client)
         """What routes send traffic to; an endpoint is healthy while its worker is in rotation."""
         self._probes: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,12 +197,19 @@ class WorkerSupervisor:
         log.info("%s: started, pid %d, port %d", worker.label, worker.process.pid, worker.port)
         exited = asyncio.ensure_future(worker.process.wait())
         # Out of rotation the moment it dies, not at the next probe.
-        exited.add_done_callback(lambda _: setattr(worker.endpoint, "healthy", False))
+        exited.add_done_callback(lambda _: self._left(worker))
         try:
             failure = await self._until_ready(worker, exited)
             return failure if failure is not None else await self._while_in_rotation(worker, exited)
         finally:
             exited.cancel()
+
+    def _left(self, worker: Worker) -> None:
+        """The worker's process is gone: out of rotation, and its idle keep-alive connections
+        closed, since a request sent on one would meet a dead socket (or, once the port is
+        reused, a new process that never saw it)."""
+        worker.endpoint.healthy = False
+        self.pool.drop_idle_connections(worker.endpoint)
 
     async def _until_ready(self, worker: Worker, exited: asyncio.Future[int]) -> str | None:
         """None once `ready.path` answers 200; else why the worker must be restarted."""
@@ -242,7 +259,7 @@ class WorkerSupervisor:
     def _join_rotation(self, worker: Worker) -> None:
         endpoint = worker.endpoint
         # Passive ejection counted the previous process's failures; this one starts clean.
-        endpoint.failures, endpoint.ejected_until = 0, 0.0
+        self.pool.outliers.forget(endpoint)
         endpoint.healthy = True
         worker.probe_failures = 0
         worker.enter(READY)

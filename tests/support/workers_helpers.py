@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway import fake_llm
 from gateway.config.model import ReadyConfig, WorkerPoolUpstream
 from gateway.observe.metrics import Metrics
+from gateway.protocols.http.client import HttpClient
 from gateway.upstreams.workers import WorkerSupervisor
 
 FAKE_LLM = (sys.executable, "-m", "gateway", "fake-llm", "--port", "{port}")
@@ -48,7 +49,7 @@ async def slow_ready(port: int, ready_after_s: float) -> None:
 
 async def supervise(count: int) -> None:
     config = WorkerPoolUpstream(command=FAKE_LLM, count=count, ready=ReadyConfig(timeout=15.0))
-    supervisor = WorkerSupervisor("orphans", config, Metrics())
+    supervisor = WorkerSupervisor("orphans", config, Metrics(), HttpClient)
     await supervisor.start()
     while not all(w.endpoint.healthy for w in supervisor.workers):
         await asyncio.sleep(0.05)

@@ -1,19 +1,28 @@
-"""The HTTP/1.1 upstream client: one request per try, through the pool's aiohttp session.
+"""The HTTP/1.1 upstream client: one request per try, over one aiohttp session per pool.
 
 This is where aiohttp's client exceptions meet the engine: a connection that cannot be made
 becomes `UpstreamConnectError` here, and `broken` names the exceptions that mean a dropped
-exchange (the engine's condition `reset`).
+exchange (the engine's condition `reset`). The session's connector tells the engine, through
+`on_sent`, when the request goes out and whether on a kept-alive connection.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 
 import aiohttp
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError
-from gateway.upstreams.pool import REQUEST_SENT, UpstreamPool
+from gateway.upstreams.endpoint import Endpoint
+from gateway.upstreams.pool import UpstreamPool
+
+REQUEST_SENT: ContextVar[Callable[[bool], None] | None] = ContextVar("request_sent", default=None)
+"""Set by the try in progress: called once its connection is ready, which is when its request
+goes out and `timeouts.first_chunk` starts counting; the argument says whether the connection
+is a reused keep-alive one (which may have died while idle)."""
 
 
 class HttpResponse:
@@ -42,6 +51,29 @@ class HttpClient:
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = _Connector(
+            limit=0,  # the pool's own slots bound requests in flight, with a wait of their own
+            limit_per_host=0,
+            ttl_dns_cache=60,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bodies are relayed byte for byte, encoding and all
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),  # every timeout is the route's
+        )
+        # aiohttp silently resends an idempotent request (GET, PUT, ...) once after a
+        # disconnect. Retries are the route's policy, counted in retry.attempts; the one
+        # exception, a dead keep-alive connection, is the engine's (engine/try_once.py).
+        self.session._retry_connection = False
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     async def send(
         self,
@@ -50,13 +82,13 @@ class HttpClient:
         body: bytes,
         headers: Mapping[str, str],
         connect_timeout: float,
-        on_sent: Callable[[], None],
+        on_sent: Callable[[bool], None],
     ) -> HttpResponse:
         pool = self.pool
-        assert pool.session is not None
+        assert self.session is not None
         sent = REQUEST_SENT.set(on_sent)
         try:
-            response = await pool.session.request(
+            response = await self.session.request(
                 method,
                 URL(url, encoded=True),
                 data=body or None,
@@ -67,10 +99,41 @@ class HttpClient:
                 ),
             )
         except (aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectorError) as exc:
-            raise UpstreamConnectError(f"cannot connect to upstream {pool.name!r}: {exc}") from exc
+            refused = isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
+            message = f"cannot connect to upstream {pool.name!r}: {exc}"
+            raise UpstreamConnectError(message, refused=refused) from exc
         finally:
             REQUEST_SENT.reset(sent)
         return HttpResponse(response)
+
+    def drop_idle(self, endpoint: Endpoint) -> None:
+        if self.session is not None and isinstance(self.session.connector, _Connector):
+            url = URL(endpoint.url)
+            self.session.connector.drop_idle(url.host, url.port)
+
+
+class _Connector(aiohttp.TCPConnector):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._used: weakref.WeakSet = weakref.WeakSet()
+
+    # A context variable read here costs far less per request than aiohttp's trace hooks.
+    async def connect(self, req, traces, timeout):
+        connection = await super().connect(req, traces, timeout)
+        request_sent = REQUEST_SENT.get()
+        if request_sent is not None:
+            protocol = connection.protocol
+            reused = protocol in self._used
+            self._used.add(protocol)
+            request_sent(reused)
+        return connection
+
+    def drop_idle(self, host: str | None, port: int | None) -> None:
+        """Close the idle keep-alive connections to one host. aiohttp has no public call for
+        this; its pool is `_conns`, ConnectionKey -> deque of (protocol, idle since)."""
+        for key in [k for k in self._conns if (k.host, k.port) == (host, port)]:
+            for protocol, _ in self._conns.pop(key):
+                protocol.close()
 
 
 def _with_configured(headers, pool: UpstreamPool):
