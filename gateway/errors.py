@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .headers import SERVER
+
 
 class GatewayError(Exception):
     status = 502
@@ -57,6 +59,20 @@ class NoRoute(ClientError):
     status = 404
     type = "no_route"
     condition = "no_route"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    type = "headers_too_large"
+    condition = "headers_too_large"
+
+
+class RequestTimeout(ClientError):
+    """The client took longer than `server.body_timeout` (or `header_timeout`) to send."""
+
+    status = 408
+    type = "request_timeout"
+    condition = "request_timeout"
 
 
 # ----------------------------------------------------------------- admission
@@ -158,6 +174,19 @@ class SlowClient(GatewayError):
     outcome = "slow_client"
 
 
+# ----------------------------------------------------------------- the gateway's own fault
+
+
+class InternalError(GatewayError):
+    """An exception nobody translated: a bug of ours. Still answered as JSON and logged true;
+    500, not 502, because the operator must look at the gateway, not at a backend."""
+
+    status = 500
+    type = "internal_error"
+    condition = "internal_error"
+    outcome = "internal_error"
+
+
 # ----------------------------------------------------------------- rendering
 
 
@@ -167,7 +196,7 @@ def error_body(err: GatewayError, request_id: str) -> dict:
 
 def error_response(err: GatewayError, request_id: str) -> web.Response:
     """The JSON error response for a failure before the commit point."""
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": request_id, SERVER[0]: SERVER[1]}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
     return web.Response(

@@ -1,30 +1,53 @@
 """The request handler: the whole pipeline on one screen.
 
-    read    the body, bounded by server.max_request_body (413), so retries can replay it
-    route   first matching rule in file order (404)
+    check   the header size (431) and the request target: absolute-form reduced to its path,
+            dot segments removed, unsafe escapes refused (400); what is routed is forwarded
+    read    the body, bounded by server.max_request_body (413) and server.body_timeout (408),
+            so retries can replay it
+    route   first matching rule in file order, on the normalised path (404)
     admit   rate limits, then concurrency (429 / 503); held until the last byte is written
     open    the upstream, retrying and falling back until the first content chunk (attempt.py)
     relay   commit the status and headers, then stream with backpressure (relay.py)
 
-Errors before the commit point become JSON error responses here, and only here. A client that
-goes away cancels the handler (handler_cancellation=True), which unwinds every stage: its
-admission is released and its upstream connection closed.
+Errors before the commit point become JSON error responses here, and only here; so does an
+exception nobody translated (a bug: 500 `internal_error`, one log line), and the access log
+says what the client got. A client that goes away cancels the handler
+(handler_cancellation=True), which unwinds every stage: its admission is released and its
+upstream connection closed. Requests the HTTP parser refuses never get here (`server.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .attempt import open_stream
 from .context import RequestContext, request_id_from
-from .errors import BadRequest, Draining, GatewayError, NoRoute, RequestTooLarge, error_response
+from .config import ServerConfig
+from .errors import (
+    BadRequest,
+    Draining,
+    GatewayError,
+    HeadersTooLarge,
+    InternalError,
+    NoRoute,
+    RequestTimeout,
+    RequestTooLarge,
+    error_response,
+)
 from .headers import add_rate_limit_headers, upstream_request_headers
+from .paths import parse_target
 from .relay import CLIENT_CLOSED, relay
 from .routing import RequestFacts
 from .runtime import Runtime
+
+log = logging.getLogger("streamgate")
 
 
 class Proxy:
@@ -57,8 +80,12 @@ class Proxy:
         try:
             if self.draining:
                 raise Draining("the gateway is shutting down")
-            await read_body(request, ctx, runtime.config.server.max_request_body)
-            route = match_route(runtime, request, ctx)
+            server = runtime.config.server
+            check_header_size(request, server.max_header_bytes)
+            target = parse_target(request.raw_path)
+            ctx.path = target.forward
+            await read_body(request, ctx, server)
+            route = match_route(runtime, request, ctx, target.path)
             ctx.deadline = ctx.started + route.timeouts.total
             async with runtime.admission.admit(ctx, route, request):
                 headers = upstream_request_headers(
@@ -74,10 +101,14 @@ class Proxy:
             ctx.status, ctx.outcome, ctx.error_kind = err.status, err.outcome, err.condition
             response = error_response(err, ctx.request_id)
             add_rate_limit_headers(response.headers, ctx.rate_remaining)
+            if isinstance(err, RequestTimeout) or request.content.exception() is not None:
+                response.force_close()  # the rest of the body is not coming, or is garbage
             return response
         except asyncio.CancelledError:  # the client went away (handler_cancellation)
             ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
             raise
+        except Exception as exc:  # the last line of defence: a bug of ours
+            return internal_error(request, ctx, exc)
         finally:
             ctx.trace.end(ctx)
             runtime.observe(ctx)
@@ -87,10 +118,68 @@ class Proxy:
                 self._idle.set()
 
 
-async def read_body(request: web.BaseRequest, ctx: RequestContext, limit: int) -> None:
-    """Buffer the request body (bounded), and read what routing and admission need from it."""
+def internal_error(
+    request: web.BaseRequest, ctx: RequestContext, exc: Exception
+) -> web.StreamResponse:
+    """An exception no stage translated: one concise log line (the traceback at debug level),
+    a true access-log line, and a JSON 500; after the commit point, an aborted connection."""
+    err = InternalError(f"internal error ({type(exc).__name__})")
+    ctx.outcome, ctx.error_kind = err.outcome, err.condition
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+    log.error(
+        "internal error on request %s (%s %.200s): %s: %.200s at %s",
+        ctx.request_id, ctx.method, ctx.path, type(exc).__name__, exc, where,
+    )
+    log.debug("internal error on request %s", ctx.request_id, exc_info=exc)
+    if ctx.first_chunk_at is not None:  # committed: no second response, end it visibly
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("aborted after an internal error") from None
+    ctx.status = err.status
+    response = error_response(err, ctx.request_id)
+    response.force_close()
+    return response
+
+
+def check_header_size(request: web.BaseRequest, limit: int) -> None:
+    """The parser bounds each header line and their count, not their total: this does."""
+    raw = request.raw_headers
+    size = sum(len(name) + len(value) for name, value in raw) + 4 * len(raw)
+    if size > limit:
+        raise HeadersTooLarge(f"request headers of {size} bytes are over {limit}")
+
+
+async def read_body(request: web.BaseRequest, ctx: RequestContext, server: ServerConfig) -> None:
+    """Buffer the request body (bounded in size and time), and read what routing and admission
+    need from it."""
+    limit = server.max_request_body
     if request.content_length is not None and request.content_length > limit:
         raise RequestTooLarge(f"request body of {request.content_length} bytes is over {limit}")
+    reading = _read_all(request, limit)
+    try:
+        if request.content.is_eof():  # it all came with the headers: no timer needed
+            body = await reading
+        else:
+            async with asyncio.timeout(server.body_timeout):
+                body = await reading
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within {server.body_timeout:g}s"
+        ) from None
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        # Framing broken mid-body (a bad chunk size, a short body): the client's fault.
+        raise BadRequest(f"malformed request body ({type(exc.__cause__ or exc).__name__})") from None
+    ctx.body = body
+    if body[:1] == b"{" or request.content_type == "application/json":
+        _read_json(ctx, body, strict=request.content_type == "application/json")
+    if not ctx.stream and "text/event-stream" in request.headers.get("accept", ""):
+        ctx.stream = True
+
+
+async def _read_all(request: web.BaseRequest, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while data := await request.content.readany():
@@ -98,11 +187,7 @@ async def read_body(request: web.BaseRequest, ctx: RequestContext, limit: int) -
         if size > limit:
             raise RequestTooLarge(f"request body is over {limit} bytes")
         parts.append(data)
-    ctx.body = body = b"".join(parts)
-    if body[:1] == b"{" or request.content_type == "application/json":
-        _read_json(ctx, body, strict=request.content_type == "application/json")
-    if not ctx.stream and "text/event-stream" in request.headers.get("accept", ""):
-        ctx.stream = True
+    return b"".join(parts)
 
 
 def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
@@ -112,6 +197,10 @@ def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
         if strict:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         return
+    except RecursionError:  # nested deeper than the C decoder's stack allows
+        if strict:
+            raise BadRequest("request body is JSON nested too deeply") from None
+        return  # not declared JSON: relayed as is, like any other body
     if isinstance(payload, dict):
         ctx.json = payload
         model = payload.get("model")
@@ -119,10 +208,10 @@ def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
         ctx.stream = payload.get("stream") is True
 
 
-def match_route(runtime: Runtime, request: web.BaseRequest, ctx: RequestContext):
-    facts = RequestFacts(request.method, request.path, request.headers, ctx.model)
+def match_route(runtime: Runtime, request: web.BaseRequest, ctx: RequestContext, path: str):
+    facts = RequestFacts(request.method, path, request.headers, ctx.model)
     route = runtime.router.match(facts)
     if route is None:
-        raise NoRoute(f"no route matches {request.method} {request.path}")
+        raise NoRoute(f"no route matches {request.method} {path}")
     ctx.route = route
     return route
