@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .headers import SERVER
 from .redact import redacted_config
 
 if TYPE_CHECKING:
@@ -19,6 +20,7 @@ GATEWAY = web.AppKey("gateway", object)
 def admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(_server_header)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -26,6 +28,10 @@ def admin_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/streams", streams)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[SERVER[0]] = SERVER[1]  # not aiohttp's, which names its version
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from .errors import ConfigErrors, Draining
 from .metrics import Metrics
 from .proxy import Proxy
 from .runtime import Runtime
+from .server import GatewayServer
 
 log = logging.getLogger("streamgate")
 
@@ -60,7 +61,13 @@ class Gateway:
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
-        server = web.Server(self.proxy.handle, handler_cancellation=True, access_log=None)
+        server = GatewayServer(
+            self.proxy.handle,
+            lambda: self.runtime.config.server,
+            self.metrics,
+            handler_cancellation=True,
+            access_log=None,
+        )
         # By the time runners are cleaned up, drain_and_stop has already waited for streams.
         proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
         self._proxy_site, proxy_url = await self._listen(proxy_runner, self.config.server.listen)

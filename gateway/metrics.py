@@ -201,6 +201,12 @@ class Metrics:
             buckets=TOKENS_PER_S_BUCKETS,
             registry=r,
         )
+        self.bad_requests = Counter(
+            "streamgate_bad_requests_total",
+            "Requests refused by the HTTP parser or its timeouts before routing, by reason.",
+            ["reason"],
+            registry=r,
+        )
         r.register(StateCollector(runtime))
         self._children: dict[tuple, object] = {}
 

@@ -102,7 +102,7 @@ class Proxy:
             response = error_response(err, ctx.request_id)
             add_rate_limit_headers(response.headers, ctx.rate_remaining)
             if isinstance(err, RequestTimeout) or request.content.exception() is not None:
-                response.force_close()  # the rest of the body is not coming, or is garbage
+                await send_and_close(request, response)
             return response
         except asyncio.CancelledError:  # the client went away (handler_cancellation)
             ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
@@ -142,6 +142,17 @@ def internal_error(
     response = error_response(err, ctx.request_id)
     response.force_close()
     return response
+
+
+async def send_and_close(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """The rest of the body is not coming, or is garbage: answer, then close at once, rather
+    than let aiohttp linger reading a body nobody wants (that would hold a slow client's
+    connection for its `lingering_time` more)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after the buffered answer is flushed
 
 
 def check_header_size(request: web.BaseRequest, limit: int) -> None:
