@@ -14,7 +14,7 @@ from .admission import Admission
 from .config import GatewayConfig, HttpUpstream, WorkerPoolUpstream
 from .context import RequestContext
 from .health import HealthChecker
-from .metrics import Metrics
+from .metrics import NO_NAME, Metrics
 from .routing import Router
 from .tracing import NO_TRACING, NoTracing, Tracing
 from .upstreams import UpstreamPool, http_pool
@@ -125,7 +125,7 @@ class Runtime:
 
     def observe(self, ctx: RequestContext) -> None:
         """Called once per request, however it ended: metrics and the access log line."""
-        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m, route, upstream = self.metrics, ctx.route_name or NO_NAME, ctx.upstream or NO_NAME
         m.child(
             m.requests, route, upstream, str(ctx.status), "true" if ctx.stream else "false"
         ).inc()
@@ -146,7 +146,7 @@ class Runtime:
 
     def _observe_usage(self, ctx: RequestContext, now: float) -> None:
         prompt, completion = ctx.usage
-        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or NO_NAME
         m.child(m.tokens, route, upstream, "prompt").inc(prompt)
         m.child(m.tokens, route, upstream, "completion").inc(completion)
         streaming_s = now - ctx.first_chunk_at
