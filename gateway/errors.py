@@ -227,7 +227,15 @@ class ConfigError:
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.column}: {where}{self.message}"
+        return printable(f"{self.file}:{self.line}:{self.column}: {where}{self.message}")
+
+
+def printable(text: str) -> str:
+    """`text` on one line that any terminal can print: control characters, line separators and
+    lone surrogates (a YAML "\\ud800" escape) are written as escapes, like repr() does."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigErrors(Exception):
