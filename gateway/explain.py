@@ -9,6 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .config import GatewayConfig, HttpUpstream, Route
 from .config_loader import load_config
 from .errors import ConfigErrors
+from .paths import BadTarget, parse_target
 from .routing import RequestFacts, Router
 
 
@@ -20,7 +21,13 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
             print(error)
         return 1
     try:
-        facts, stream = _facts(method, path, headers, body)
+        target = parse_target(path)  # routed as the gateway routes it: normalised
+    except BadTarget as exc:
+        print(f"request: {method.upper()} {path}")
+        print(f"result: the gateway answers 400: {exc.message}")
+        return 0
+    try:
+        facts, stream = _facts(method, target.path, headers, body)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2

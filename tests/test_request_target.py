@@ -174,3 +174,20 @@ async def test_an_exception_nobody_translated_is_a_json_500_with_a_true_log(
     assert error["request_id"] in errors[0].getMessage()
     assert not any(r.name.startswith("aiohttp") for r in caplog.records)
     assert (await exchange(gw.url, request("POST", "/v1/chat/completions", b"{}"))).status == 200
+
+
+@pytest.mark.parametrize(
+    "target, says",
+    [
+        pytest.param("/v1/models/../chat/completions", "route: chat", id="normalised"),
+        pytest.param("/v1/%2e%2e/chat/completions", "the gateway answers 400", id="refused"),
+    ],
+)
+def test_explain_routes_the_target_as_the_gateway_does(capsys, target, says):
+    from pathlib import Path
+
+    from gateway.explain import explain
+
+    config = Path(__file__).resolve().parent.parent / "config/gateway.yaml"
+    assert explain(str(config), "POST", target, [], None) == 0
+    assert says in capsys.readouterr().out
