@@ -35,7 +35,8 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> GatewayConfi
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ConfigErrors([ConfigError(path, 1, 1, "", f"cannot read it: {exc.strerror}")]) from None
+        message = f"cannot read it: {exc.strerror}"
+        raise ConfigErrors([ConfigError(path, 1, 1, "", message)]) from None
     try:
         # Universal newlines, as text mode reads them: a bare CR ends a line in editors too.
         text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")

@@ -28,8 +28,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from .attempt import open_stream
-from .context import RequestContext, request_id_from
 from .config import ServerConfig
+from .context import RequestContext, request_id_from
 from .errors import (
     BadRequest,
     Draining,
@@ -131,7 +131,12 @@ def internal_error(
     where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
     log.error(
         "internal error on request %s (%s %.200s): %s: %.200s at %s",
-        ctx.request_id, ctx.method, ctx.path, type(exc).__name__, exc, where,
+        ctx.request_id,
+        ctx.method,
+        ctx.path,
+        type(exc).__name__,
+        exc,
+        where,
     )
     log.debug("internal error on request %s", ctx.request_id, exc_info=exc)
     if ctx.first_chunk_at is not None:  # committed: no second response, end it visibly
@@ -182,7 +187,8 @@ async def read_body(request: web.BaseRequest, ctx: RequestContext, server: Serve
         ) from None
     except (RequestPayloadError, HttpProcessingError) as exc:
         # Framing broken mid-body (a bad chunk size, a short body): the client's fault.
-        raise BadRequest(f"malformed request body ({type(exc.__cause__ or exc).__name__})") from None
+        cause = type(exc.__cause__ or exc).__name__
+        raise BadRequest(f"malformed request body ({cause})") from None
     ctx.body = body
     if body[:1] == b"{" or request.content_type == "application/json":
         _read_json(ctx, body, strict=request.content_type == "application/json")

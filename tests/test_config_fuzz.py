@@ -22,6 +22,7 @@ ERROR_LINE = re.compile(r"^[^:]+:\d+:\d+: ")
 SEED, VARIANTS = 12, 300
 
 # What a mutation may insert: YAML syntax, escapes, characters YAML forbids, odd scalars.
+# fmt: off
 PALETTE = [
     "\x00", "\x07", "\x1b", "\t", "\r", "\u2028", "\ufeff", "\ud800", "é", "😀",
     '"\\ud800"', '"\\udfff x"', '"\\x00"', '"\\u2029"', "'", '"', "\\",
@@ -30,6 +31,7 @@ PALETTE = [
     "${", "${X}", "${X:-", "}", "-1", "1e400", "0x", "0o9", ".inf", "~", "null", "[]", "{}",
     "9" * 5000, "99999999999999999999", "1.5.5", "10q", "250ms", "-5s",
 ]
+# fmt: on
 
 
 def _mutate(text: str, rng: random.Random) -> str:
@@ -39,7 +41,7 @@ def _mutate(text: str, rng: random.Random) -> str:
         if kind == 0:
             text = text[:at] + rng.choice(PALETTE) + text[at:]
         elif kind == 1:
-            text = text[:at] + text[at + rng.randint(1, 12):]
+            text = text[:at] + text[at + rng.randint(1, 12) :]
         elif kind == 2:  # replace a value after a colon
             colon = text.find(": ", at)
             end = text.find("\n", colon)
@@ -101,8 +103,13 @@ GATEWAY_YAML = (ROOT / "config/gateway.yaml").read_text(encoding="utf-8")
 @pytest.mark.parametrize(
     "old, new, needle, message",
     [
-        pytest.param("upstream: local", 'upstream: "\\ud800"', '"\\ud800"',
-                     "unknown upstream '\\ud800'", id="lone-surrogate-escape"),
+        pytest.param(
+            "upstream: local",
+            'upstream: "\\ud800"',
+            '"\\ud800"',
+            "unknown upstream '\\ud800'",
+            id="lone-surrogate-escape",
+        ),
         pytest.param("name: chat", "name: ch\x00at", "\x00", "character U+0000", id="nul"),
         pytest.param("name: chat", "name: ch\x07at", "\x07", "character U+0007", id="bell"),
     ],
@@ -115,7 +122,10 @@ def test_validate_reports_bad_characters_on_one_line_at_their_position(
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "validate", str(path)],
-        capture_output=True, text=True, timeout=30, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
     )
     assert done.returncode == 1 and done.stderr == ""
     line, column = _line_col(text, needle)

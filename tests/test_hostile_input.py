@@ -25,28 +25,56 @@ POST = b"POST /v1/x HTTP/1.1\r\nHost: gw\r\n"
 CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
 
 MALFORMED = [
-    pytest.param(POST + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-                 "bad_message", id="content-length-and-transfer-encoding"),
-    pytest.param(POST + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nzqxj!",
-                 "bad_message", id="two-content-lengths"),
-    pytest.param(POST + b"Transfer-Encoding: xchunked\r\nX-M: zqxj\r\n\r\n0\r\n\r\n",
-                 "bad_message", id="obfuscated-transfer-encoding"),
-    pytest.param(POST + b"Transfer-Encoding : chunked\r\nX-M: zqxj\r\n\r\n0\r\n\r\n",
-                 "bad_message", id="transfer-encoding-space-before-colon"),
+    pytest.param(
+        POST + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "bad_message",
+        id="content-length-and-transfer-encoding",
+    ),
+    pytest.param(
+        POST + b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nzqxj!",
+        "bad_message",
+        id="two-content-lengths",
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding: xchunked\r\nX-M: zqxj\r\n\r\n0\r\n\r\n",
+        "bad_message",
+        id="obfuscated-transfer-encoding",
+    ),
+    pytest.param(
+        POST + b"Transfer-Encoding : chunked\r\nX-M: zqxj\r\n\r\n0\r\n\r\n",
+        "bad_message",
+        id="transfer-encoding-space-before-colon",
+    ),
     pytest.param(CHUNKED + b"zqxj\r\nab\r\n0\r\n\r\n", "bad_message", id="bad-chunk-size"),
-    pytest.param(CHUNKED + b"fffffffffffffffffffff\r\nzqxj\r\n0\r\n\r\n",
-                 "bad_message", id="overflowing-chunk-size"),
+    pytest.param(
+        CHUNKED + b"fffffffffffffffffffff\r\nzqxj\r\n0\r\n\r\n",
+        "bad_message",
+        id="overflowing-chunk-size",
+    ),
     pytest.param(b"GET /v1/zqxj HTTP/1.1\nHost: gw\n\n", "bad_request_line", id="bare-lf"),
     pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: gw\rX-zqxj: 1\r\n\r\n", "bad_message", id="bare-cr"),
-    pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nX-A: zqxj" + b"a" * 102400 + b"\r\n\r\n",
-                 "line_too_long", id="100KiB-header-line"),
-    pytest.param(b"GET /v1/zqxj" + b"a" * 102400 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
-                 "line_too_long", id="100KiB-url"),
-    pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n"
-                 + b"".join(b"X-zqxj-%d: v\r\n" % i for i in range(500)) + b"\r\n",
-                 "bad_message", id="500-headers"),
-    pytest.param(b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nX-zqxj-\xc3\xa9: 1\r\n\r\n",
-                 "bad_message", id="non-ascii-header-name"),
+    pytest.param(
+        b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nX-A: zqxj" + b"a" * 102400 + b"\r\n\r\n",
+        "line_too_long",
+        id="100KiB-header-line",
+    ),
+    pytest.param(
+        b"GET /v1/zqxj" + b"a" * 102400 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
+        "line_too_long",
+        id="100KiB-url",
+    ),
+    pytest.param(
+        b"GET /v1/x HTTP/1.1\r\nHost: gw\r\n"
+        + b"".join(b"X-zqxj-%d: v\r\n" % i for i in range(500))
+        + b"\r\n",
+        "bad_message",
+        id="500-headers",
+    ),
+    pytest.param(
+        b"GET /v1/x HTTP/1.1\r\nHost: gw\r\nX-zqxj-\xc3\xa9: 1\r\n\r\n",
+        "bad_message",
+        id="non-ascii-header-name",
+    ),
 ]
 
 
@@ -235,8 +263,10 @@ async def test_a_body_slower_than_body_timeout_gets_408(start_gateway, upstream,
     gw = await start_gateway(config_yaml(upstream.url, server=f"body_timeout: {TIMEOUT}s"))
     reader, writer = await connect(gw.url)
     try:
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + body
+        )
         answer = await read_answer(reader, BOUND)
     finally:
         writer.close()

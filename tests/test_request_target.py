@@ -19,8 +19,12 @@ from tests.support.scripted_upstream import Respond, ScriptedUpstream
     [
         pytest.param("/v1/chat/completions?a=1", "/v1/chat/completions", None, id="plain"),
         pytest.param("/v1/../admin/config", "/admin/config", "/admin/config", id="dotdot"),
-        pytest.param("/v1/models/../chat/completions?x=/../", "/v1/chat/completions",
-                     "/v1/chat/completions?x=/../", id="dotdot-query-untouched"),
+        pytest.param(
+            "/v1/models/../chat/completions?x=/../",
+            "/v1/chat/completions",
+            "/v1/chat/completions?x=/../",
+            id="dotdot-query-untouched",
+        ),
         pytest.param("/../../etc/passwd", "/etc/passwd", "/etc/passwd", id="never-above-root"),
         pytest.param("/a/./b/.", "/a/b/", "/a/b/", id="single-dots"),
         pytest.param("/v1/.well-known", "/v1/.well-known", "/v1/.well-known", id="dotfile-kept"),
@@ -106,8 +110,12 @@ async def test_absolute_form_is_routed_by_its_path_and_never_reaches_its_authori
 @pytest.mark.parametrize(
     "target, route, forwarded",
     [
-        pytest.param("/v1/models/../chat/completions", "chat", "/v1/chat/completions",
-                     id="dotdot-into-another-route"),
+        pytest.param(
+            "/v1/models/../chat/completions",
+            "chat",
+            "/v1/chat/completions",
+            id="dotdot-into-another-route",
+        ),
         pytest.param("/v1/./models?q=/../x", "v1", "/v1/models?q=/../x", id="dot-query-kept"),
     ],
 )

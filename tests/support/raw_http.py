@@ -72,6 +72,5 @@ async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
 
 def request(method: str, target: str, body: bytes = b"", headers: str = "") -> bytes:
     return (
-        f"{method} {target} HTTP/1.1\r\nHost: gw\r\n{headers}"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{method} {target} HTTP/1.1\r\nHost: gw\r\n{headers}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
