@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def validate(path: str) -> int:
+    """Exit 0, or 1 with one `FILE:LINE:COL: ...` line per error, whatever the file holds."""
     from gateway.config.loader import load_config
-    from gateway.errors import ConfigErrors
+    from gateway.errors import ConfigErrors, printable
 
     try:
         load_config(path)
@@ -70,9 +71,12 @@ def validate(path: str) -> int:
             print(error)
         return 1
     except OSError as exc:
-        print(f"{path}:1:1: cannot read config: {exc.strerror}")
+        print(printable(f"{path}:1:1: cannot read config: {exc.strerror}"))
         return 1
-    print(f"{path}: ok")
+    except Exception as exc:  # a bug of ours: still one line and exit 1, never a traceback
+        print(printable(f"{path}:1:1: internal error while checking the config: {exc!r}"))
+        return 1
+    print(printable(f"{path}: ok"))
     return 0
 
 

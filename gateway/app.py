@@ -25,6 +25,7 @@ from gateway.engine.pipeline import Proxy
 from gateway.engine.runtime import Runtime
 from gateway.errors import ConfigErrors, Draining
 from gateway.observe.metrics import Metrics
+from gateway.protocols.http.connection import GatewayServer
 from gateway.protocols.http.server import HttpServer
 
 log = logging.getLogger("streamgate")
@@ -62,8 +63,12 @@ class Gateway:
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
-        server = web.Server(
-            HttpServer(self.proxy).handle, handler_cancellation=True, access_log=None
+        server = GatewayServer(
+            HttpServer(self.proxy).handle,
+            lambda: self.runtime.config.server,
+            self.metrics,
+            handler_cancellation=True,
+            access_log=None,
         )
         # By the time runners are cleaned up, drain_and_stop has already waited for streams.
         proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)

@@ -57,6 +57,20 @@ class NoRoute(ClientError):
     condition = "no_route"
 
 
+class HeadersTooLarge(ClientError):
+    status = 431
+    type = "headers_too_large"
+    condition = "headers_too_large"
+
+
+class RequestTimeout(ClientError):
+    """The client took longer than `server.body_timeout` (or `header_timeout`) to send."""
+
+    status = 408
+    type = "request_timeout"
+    condition = "request_timeout"
+
+
 # ----------------------------------------------------------------- admission
 
 
@@ -177,6 +191,19 @@ class PoolExhausted(GatewayError):
         self.retry_after = max(1.0, waited)
 
 
+# ----------------------------------------------------------------- the gateway's own fault
+
+
+class InternalError(GatewayError):
+    """An exception nobody translated: a bug of ours. Still answered as JSON and logged true;
+    500, not 502, because the operator must look at the gateway, not at a backend."""
+
+    status = 500
+    type = "internal_error"
+    condition = "internal_error"
+    outcome = "internal_error"
+
+
 # ----------------------------------------------------------------- the body every protocol shows
 
 
@@ -199,7 +226,15 @@ class ConfigError:
 
     def __str__(self) -> str:
         where = f"{self.path}: " if self.path else ""
-        return f"{self.file}:{self.line}:{self.column}: {where}{self.message}"
+        return printable(f"{self.file}:{self.line}:{self.column}: {where}{self.message}")
+
+
+def printable(text: str) -> str:
+    """`text` on one line that any terminal can print: control characters, line separators and
+    lone surrogates (a YAML "\\ud800" escape) are written as escapes, like repr() does."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigErrors(Exception):

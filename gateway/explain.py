@@ -10,6 +10,7 @@ from gateway.config.loader import load_config
 from gateway.config.model import EjectConfig, FramingConfig, GatewayConfig, HttpUpstream, Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.errors import ConfigErrors
+from gateway.protocols.http.target import BadTarget, parse_target
 
 
 def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:
@@ -20,7 +21,13 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
             print(error)
         return 1
     try:
-        facts, stream = _facts(method, path, headers, body)
+        target = parse_target(path)  # routed as the gateway routes it: normalised
+    except BadTarget as exc:
+        print(f"request: {method.upper()} {path}")
+        print(f"result: the gateway answers 400: {exc.message}")
+        return 0
+    try:
+        facts, stream = _facts(method, target.path, headers, body)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2

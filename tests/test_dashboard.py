@@ -118,6 +118,13 @@ def test_counters_are_rated_and_quantiles_use_buckets_by_le(where, expr):
         assert re.search(r"by \((le|[^)]*\ble)\b", expr), f"{where}: quantile without `le`"
 
 
+@pytest.mark.parametrize("where, expr", QUERIES, ids=[w for w, _ in QUERIES])
+def test_no_query_selects_an_empty_route_or_upstream(where, expr):
+    """Requests refused before a route or upstream was chosen carry the label `none`
+    (gateway.observe.metrics.NO_NAME), never an empty string: a query for "" would match nothing."""
+    assert not re.search(r'\b(route|upstream)\s*=~?\s*""', expr), where
+
+
 def test_template_variable_queries_name_exported_metrics():
     variables = _dashboard()["templating"]["list"]
     queries = [v["definition"] for v in variables if v["type"] == "query"]

@@ -578,7 +578,7 @@ async def test_a_client_that_leaves_while_queued_is_counted_without_an_upstream(
         queued.cancel()
         await observed.wait(1)
         s = await scrape(client, gw.admin_url)
-    assert s("streamgate_requests_total") == {"route=r,status=499,stream=true,upstream=": 1.0}
+    assert s("streamgate_requests_total") == {"route=r,status=499,stream=true,upstream=none": 1.0}
     assert s("streamgate_client_disconnects_total") == {R: 1.0}
     assert s("streamgate_concurrency_waiting") == {"limit=slots": 0.0}
     assert s("streamgate_concurrency_in_use") == {"limit=slots": 2.0}  # the holder's
@@ -595,7 +595,7 @@ async def test_a_rate_limited_request_is_a_429_counted_by_limit(start_gateway, u
     assert s("streamgate_rate_limited_total") == {"limit=per-route": 1.0}
     assert s("streamgate_requests_total") == {
         STREAM_200: 1.0,
-        "route=r,status=429,stream=true,upstream=": 1.0,  # never reached an upstream
+        "route=r,status=429,stream=true,upstream=none": 1.0,  # never reached an upstream
     }
     assert s("streamgate_upstream_attempts_total") == {"outcome=ok,upstream=up": 1.0}
 
@@ -614,7 +614,7 @@ async def _hold_and_queue(client, gw, release: asyncio.Event, linger: float):
     return (await queued)[0]
 
 
-GAVE_UP_503 = "route=r,status=503,stream=true,upstream="
+GAVE_UP_503 = "route=r,status=503,stream=true,upstream=none"
 
 
 @pytest.mark.parametrize(
@@ -710,9 +710,9 @@ async def test_no_label_value_comes_from_request_data(start_gateway, upstream, c
     assert marker not in s.text
     assert s("streamgate_requests_total") == {
         STREAM_200: 1.0,
-        "route=,status=404,stream=true,upstream=": 1.0,
+        "route=none,status=404,stream=true,upstream=none": 1.0,
     }
-    config_names = {"r", "up", upstream.url, ""}
+    config_names = {"r", "up", upstream.url, "none"}
     closed_sets = {"true", "false", "200", "404", "ok", "completed", "prompt", "completion"}
     assert s.label_values <= config_names | closed_sets, s.label_values - config_names
 
@@ -738,7 +738,7 @@ async def test_streams_cut_by_shutdown_have_outcome_shutdown(start_gateway, upst
     assert s("streamgate_requests_total") == {
         STREAM_200: 1.0,
         # Refused before its body was read: neither its route nor that it streams is known.
-        "route=,status=503,stream=false,upstream=": 1.0,
+        "route=none,status=503,stream=false,upstream=none": 1.0,
     }
     assert s("streamgate_stream_duration_seconds_count") == {"outcome=shutdown,route=r": 1.0}
     assert s("streamgate_stream_errors_total") == {"kind=shutdown,route=r": 1.0}

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.config.redact import redacted_config
 from gateway.engine.runtime import Runtime
 from gateway.observe.metrics import Metrics
+from gateway.protocols.http.headers import SERVER
 
 
 class Gateway(Protocol):
@@ -29,6 +30,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 def admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(_server_header)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -36,6 +38,10 @@ def admin_app(gateway: Gateway) -> web.Application:
     app.router.add_post("/admin/reload", reload)
     app.router.add_get("/admin/streams", streams)
     return app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[SERVER[0]] = SERVER[1]  # not aiohttp's, which names its version
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -85,6 +85,9 @@ def _known(path: str, name: str, what: str, names: Collection[str]) -> Problems:
 
 def _server(cfg: GatewayConfig) -> Problems:
     yield from _at_least("server.max_request_body", cfg.server.max_request_body, 1)
+    yield from _at_least("server.max_header_bytes", cfg.server.max_header_bytes, 1024)
+    for name in ("header_timeout", "idle_timeout", "body_timeout"):
+        yield from _positive(f"server.{name}", getattr(cfg.server, name), "s")
     yield from _positive("state.lease_ttl", cfg.state.lease_ttl, "s")
 
 

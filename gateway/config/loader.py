@@ -30,7 +30,7 @@ from gateway.config.model import (
     RouteMatch,
 )
 from gateway.config.scalars import BadScalar, read_literal, read_scalar, scalar_text
-from gateway.config.yaml_nodes import at, compose, describe
+from gateway.config.yaml_nodes import at, compose, describe, position
 from gateway.errors import ConfigError, ConfigErrors
 
 __all__ = ["load_config", "load_config_text"]
@@ -38,13 +38,21 @@ __all__ = ["load_config", "load_config_text"]
 
 def load_config(path: str, env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load and validate the config file at `path`; raises `ConfigErrors` listing every error."""
+    # Errors are reported like any other config error so `validate` and reload print one format.
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        # Reported like any other config error so `validate` and reload print one format.
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigErrors([ConfigError(path, 1, 1, "", f"cannot read it: {reason}")]) from None
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        message = f"cannot read it: {exc.strerror}"
+        raise ConfigErrors([ConfigError(path, 1, 1, "", message)]) from None
+    try:
+        # Universal newlines, as text mode reads them: a bare CR ends a line in editors too.
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
+        before = data[: exc.start].decode("utf-8")
+        line, column = position(before, len(before))
+        message = f"cannot read it: not UTF-8 text (byte 0x{data[exc.start]:02x})"
+        raise ConfigErrors([ConfigError(path, line, column, "", message)]) from None
     return load_config_text(text, path, env)
 
 

@@ -27,6 +27,7 @@ Bytes = Annotated[int, "size"]
 HostPort = Annotated[tuple[str, int], "hostport"]
 """A listen address: written `HOST:PORT` (`0.0.0.0:8080`, `[::1]:8080`); held as (host, port)."""
 
+KiB = 1024
 MiB = 1024 * 1024
 
 
@@ -48,6 +49,19 @@ class ServerConfig:
     drain_delay: Seconds = 0.0
     """After SIGTERM, how long the listener keeps accepting (answering 503) so load balancers
     see /readyz fail before connections are refused."""
+    max_header_bytes: Bytes = 60 * KiB
+    """Bound on a request's header lines together (names, values and separators, the request
+    line aside); beyond it, 431. Envoy's default. Each single line is also bounded (8 KiB,
+    400) by the HTTP parser."""
+    header_timeout: Seconds = 10.0
+    """From the first byte of a request to the end of its headers; past it the client gets 408
+    and the connection is closed, so trickled headers cannot hold a connection."""
+    idle_timeout: Seconds = 60.0
+    """How long a client connection may stay open with no request on it (before the first, or
+    between keep-alive requests) before the gateway closes it."""
+    body_timeout: Seconds = 30.0
+    """The longest a whole request body may take to arrive once its headers are in; past it,
+    408 and the connection is closed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,8 +54,17 @@ def implicit_tag(text: str) -> str:
 
 
 def at(source: str, mark: yaml.Mark | None, path: str, message: str) -> ConfigError:
-    """A ConfigError at a PyYAML mark (0-based) in 1-based line and column."""
-    line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+    """A ConfigError at a PyYAML mark, in 1-based line and column as an editor counts them.
+
+    PyYAML's own line count also breaks lines at U+0085, U+2028 and U+2029 (YAML 1.1), so a
+    file holding one would be misreported from there on; the mark's index into the text is
+    exact, and lines are counted from it (errors only, so the scan costs nothing at run time)."""
+    if mark is None:
+        return ConfigError(source, 1, 1, path, message)
+    if isinstance(mark.buffer, str):
+        line, column = position(mark.buffer, mark.index)
+    else:
+        line, column = mark.line + 1, mark.column + 1
     return ConfigError(source, line, column, path, message)
 
 
@@ -69,11 +78,27 @@ def compose(text: str, source: str) -> Node:
         if mark and text[mark.index - 1 : mark.index] == "$":  # `{a: ${X}}` reads `{` as flow
             message += " (inside [...] or {...}, quote values that use ${...})"
         raise ConfigErrors([at(source, mark, "", message)]) from None
-    except yaml.YAMLError as exc:  # reader errors (bad characters) carry no mark
-        raise ConfigErrors([ConfigError(source, 1, 1, "", f"invalid YAML: {exc}")]) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML forbids: no mark, a position
+        line, column = position(text, exc.position)
+        message = f"invalid YAML: character {_codepoint(exc.character)} is not allowed here"
+        raise ConfigErrors([ConfigError(source, line, column, "", message)]) from None
+    except yaml.YAMLError as exc:  # nothing else is expected; still one line, never a crash
+        first = str(exc).split("\n", 1)[0]
+        raise ConfigErrors([ConfigError(source, 1, 1, "", f"invalid YAML: {first}")]) from None
     if root is None:
         raise ConfigErrors([ConfigError(source, 1, 1, "", "the file is empty")])
     return root
+
+
+def position(text: str, index: int) -> tuple[int, int]:
+    """1-based line and column of `text[index]`."""
+    line_start = text.rfind("\n", 0, index) + 1
+    return text.count("\n", 0, index) + 1, index - line_start + 1
+
+
+def _codepoint(character: int | bytes) -> str:
+    value = character if isinstance(character, int) else ord(character)
+    return f"U+{value:04X}"
 
 
 def describe(node: Node) -> str:

@@ -15,17 +15,21 @@ once (metrics, trace, access log).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Mapping
 from typing import Protocol
 
-from gateway.config.model import Route
+from gateway.config.model import Route, ServerConfig
 from gateway.engine.attempts import open_stream
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Sink
 from gateway.engine.relay import relay
 from gateway.engine.routing import RequestFacts
 from gateway.engine.runtime import Runtime
-from gateway.errors import Draining, GatewayError, NoRoute
+from gateway.errors import Draining, GatewayError, InternalError, NoRoute
+
+log = logging.getLogger("streamgate")
 
 
 class Inbound(Protocol):
@@ -36,8 +40,9 @@ class Inbound(Protocol):
     route_path: str
     """The path routes match on."""
 
-    async def read_body(self, limit: int) -> None:
-        """Read the request body into the context (413 past `limit` bytes)."""
+    async def read(self, server: ServerConfig) -> None:
+        """Read the request (its target, headers and body, within `server`'s bounds) into
+        the context; set `route_path`."""
 
     def upstream_headers(self) -> dict:
         """The headers every try sends upstream (a fresh, mutable copy)."""
@@ -67,7 +72,7 @@ class Proxy:
         try:
             if self.draining:
                 raise Draining("the gateway is shutting down")
-            await inbound.read_body(runtime.config.server.max_request_body)
+            await inbound.read(runtime.config.server)
             route = _route(runtime, ctx, inbound)
             ctx.deadline = ctx.started + route.timeouts.total
             async with runtime.admission.admit(ctx, route, inbound.headers):
@@ -84,6 +89,8 @@ class Proxy:
         except asyncio.CancelledError:  # the client went away
             ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
             raise
+        except Exception as exc:  # the last line of defence: a bug of ours
+            await _internal_error(ctx, exc, sink)
         finally:
             ctx.trace.end(ctx)
             runtime.observe(ctx)
@@ -91,6 +98,33 @@ class Proxy:
             self.in_flight.discard(ctx)
             if not self.in_flight:
                 self._idle.set()
+
+
+async def _internal_error(ctx: RequestContext, exc: Exception, sink: Sink) -> None:
+    """An exception no stage translated: one concise log line (the traceback at debug level),
+    a true access-log line, and a 500 in the protocol's words; after the commit point, the
+    stream is cut."""
+    err = InternalError(f"internal error ({type(exc).__name__})")
+    ctx.outcome, ctx.error_kind = err.outcome, err.condition
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}" if tb else "?"
+    log.error(
+        "internal error on request %s (%s %.200s): %s: %.200s at %s",
+        ctx.request_id,
+        ctx.method,
+        ctx.path,
+        type(exc).__name__,
+        exc,
+        where,
+    )
+    log.debug("internal error on request %s", ctx.request_id, exc_info=exc)
+    if ctx.first_chunk_at is not None:  # committed: no second answer, end it visibly
+        await sink.fail(None)
+        return
+    ctx.status = err.status
+    await sink.refuse(err)
 
 
 def _route(runtime: Runtime, ctx: RequestContext, inbound: Inbound) -> Route:

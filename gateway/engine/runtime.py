@@ -14,7 +14,7 @@ from gateway.config.model import GatewayConfig, HttpUpstream
 from gateway.engine.context import RequestContext
 from gateway.engine.routing import Router
 from gateway.observe.access_log import AccessLog
-from gateway.observe.metrics import Metrics
+from gateway.observe.metrics import NO_NAME, Metrics
 from gateway.observe.tracing import NO_TRACING, NoTracing, Tracing
 from gateway.upstreams.health import HealthChecker
 from gateway.upstreams.pool import UpstreamPool
@@ -85,7 +85,7 @@ class Runtime:
 
     def observe(self, ctx: RequestContext) -> None:
         """Called once per request, however it ended: metrics and the access log line."""
-        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m, route, upstream = self.metrics, ctx.route_name or NO_NAME, ctx.upstream or NO_NAME
         m.child(
             m.requests, route, upstream, str(ctx.status), "true" if ctx.stream else "false"
         ).inc()
@@ -106,7 +106,7 @@ class Runtime:
 
     def _observe_usage(self, ctx: RequestContext, now: float) -> None:
         prompt, completion = ctx.usage
-        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or ""
+        m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or NO_NAME
         m.child(m.tokens, route, upstream, "prompt").inc(prompt)
         m.child(m.tokens, route, upstream, "completion").inc(completion)
         streaming_s = now - ctx.first_chunk_at

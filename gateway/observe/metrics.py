@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+NO_NAME = "none"
+"""The `route` or `upstream` label of a request refused before one was chosen (404, 413, 429,
+400, ...): one fixed, documented value, never an empty string."""
+
 # Buckets for LLM traffic: first chunks in milliseconds to a minute, streams up to half an hour.
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -225,6 +229,12 @@ class Metrics:
             "streamgate_endpoint_ejections_total",
             "Passive ejections of an endpoint (for one model) by outlier detection.",
             ["upstream"],
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "streamgate_bad_requests_total",
+            "Requests refused by the HTTP parser or its timeouts before routing, by reason.",
+            ["reason"],
             registry=r,
         )
         r.register(StateCollector(runtime))

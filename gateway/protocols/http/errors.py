@@ -7,11 +7,12 @@ import json
 from aiohttp import web
 
 from gateway.errors import GatewayError, error_body
+from gateway.protocols.http.headers import SERVER
 
 
 def error_response(err: GatewayError, request_id: str) -> web.Response:
     """The JSON error response for a failure before the commit point."""
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": request_id, SERVER[0]: SERVER[1]}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(-(-err.retry_after // 1))))
     return web.Response(

@@ -25,9 +25,11 @@ HOP_BY_HOP = frozenset(
 )
 # Also never forwarded to the upstream: the gateway sets these itself.
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "expect"}
-_NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "x-request-id"}
+_NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-length", "x-request-id", "server"}
 
 SSE_HEADERS = (("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no"))
+SERVER = ("Server", "streamgate")
+"""On every response, replacing the upstream's and aiohttp's own (which names versions)."""
 
 
 def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
@@ -66,6 +68,7 @@ def client_response_headers(
 ) -> CIMultiDict[str]:
     out = _filtered(upstream, _NOT_FORWARDED_DOWN)
     out["x-request-id"] = request_id
+    out[SERVER[0]] = SERVER[1]
     if sse:
         for name, value in SSE_HEADERS:
             out[name] = value

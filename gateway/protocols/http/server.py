@@ -1,8 +1,11 @@
 """The HTTP/1.1 server side: an aiohttp request in, the engine's pipeline, a response out.
 
-Only HTTP lives here: reading the bounded request body and what routing needs from it, the
-headers an upstream is sent, and the sink answers go to. aiohttp cancels the handler when the
-client goes away (handler_cancellation=True), which the engine treats as a disconnect.
+Only HTTP lives here: the request target (absolute-form reduced to its path, dot segments
+removed, unsafe escapes refused: what is routed is what is forwarded), the header size (431),
+the body bounded in size (413) and time (408) and what routing needs from it, the headers an
+upstream is sent, and the sink answers go to. Requests the HTTP parser refuses never get here
+(connection.py). aiohttp cancels the handler when the client goes away
+(handler_cancellation=True), which the engine treats as a disconnect.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import asyncio
 import json
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
+from gateway.config.model import ServerConfig
 from gateway.engine.context import RequestContext, request_id_from
 from gateway.engine.pipeline import Proxy
-from gateway.errors import BadRequest, RequestTooLarge
+from gateway.errors import BadRequest, HeadersTooLarge, RequestTimeout, RequestTooLarge
 from gateway.protocols.http.headers import upstream_request_headers
 from gateway.protocols.http.sink import HttpSink
+from gateway.protocols.http.target import parse_target
 
 
 class HttpServer:
@@ -46,20 +53,35 @@ class HttpInbound:
         self.ctx = ctx
         self.headers = request.headers
         self.route_path = request.path
+        """Until `read` has normalised the target."""
 
-    async def read_body(self, limit: int) -> None:
-        """Buffer the request body (bounded), and read what routing and admission need."""
+    async def read(self, server: ServerConfig) -> None:
+        """Check the target and headers, then buffer the body (bounded in size and time)
+        and read what routing and admission need from it."""
         request, ctx = self.request, self.ctx
+        _check_header_size(request, server.max_header_bytes)
+        target = parse_target(request.raw_path)
+        ctx.path, self.route_path = target.forward, target.path
+        limit = server.max_request_body
         if request.content_length is not None and request.content_length > limit:
-            raise RequestTooLarge(f"request body of {request.content_length} bytes is over {limit}")
-        parts: list[bytes] = []
-        size = 0
-        while data := await request.content.readany():
-            size += len(data)
-            if size > limit:
-                raise RequestTooLarge(f"request body is over {limit} bytes")
-            parts.append(data)
-        ctx.body = body = b"".join(parts)
+            raise RequestTooLarge(
+                f"request body of {request.content_length} bytes is over {limit}"
+            )
+        reading = _read_all(request, limit)
+        try:
+            if request.content.is_eof():  # it all came with the headers: no timer needed
+                body = await reading
+            else:
+                async with asyncio.timeout(server.body_timeout):
+                    body = await reading
+        except TimeoutError:
+            message = f"the request body did not arrive within {server.body_timeout:g}s"
+            raise RequestTimeout(message) from None
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            # Framing broken mid-body (a bad chunk size, a short body): the client's fault.
+            cause = type(exc.__cause__ or exc).__name__
+            raise BadRequest(f"malformed request body ({cause})") from None
+        ctx.body = body
         if body[:1] == b"{" or request.content_type == "application/json":
             _read_json(ctx, body, strict=request.content_type == "application/json")
         if not ctx.stream and "text/event-stream" in request.headers.get("accept", ""):
@@ -72,6 +94,25 @@ class HttpInbound:
         )
 
 
+def _check_header_size(request: web.BaseRequest, limit: int) -> None:
+    """The parser bounds each header line and their count, not their total: this does."""
+    raw = request.raw_headers
+    size = sum(len(name) + len(value) for name, value in raw) + 4 * len(raw)
+    if size > limit:
+        raise HeadersTooLarge(f"request headers of {size} bytes are over {limit}")
+
+
+async def _read_all(request: web.BaseRequest, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while data := await request.content.readany():
+        size += len(data)
+        if size > limit:
+            raise RequestTooLarge(f"request body is over {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
+
+
 def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
     try:
         payload = json.loads(body) if body else None
@@ -79,6 +120,10 @@ def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
         if strict:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         return
+    except RecursionError:  # nested deeper than the C decoder's stack allows
+        if strict:
+            raise BadRequest("request body is JSON nested too deeply") from None
+        return  # not declared JSON: relayed as is, like any other body
     if isinstance(payload, dict):
         ctx.json = payload
         model = payload.get("model")

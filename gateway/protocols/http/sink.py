@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, InternalError, RequestTimeout
 from gateway.protocols.http.errors import error_response
 from gateway.protocols.http.headers import add_rate_limit_headers, client_response_headers
 
@@ -33,6 +33,20 @@ class HttpSink:
         response = error_response(err, self.ctx.request_id)
         add_rate_limit_headers(response.headers, self.ctx.rate_remaining)
         self.response = response
+        if isinstance(err, RequestTimeout) or self.request.content.exception() is not None:
+            await self._send_and_close(response)
+        elif isinstance(err, InternalError):
+            response.force_close()
+
+    async def _send_and_close(self, response: web.Response) -> None:
+        """The rest of the body is not coming, or is garbage: answer, then close at once,
+        rather than let aiohttp linger reading a body nobody wants (that would hold a slow
+        client's connection for its `lingering_time` more)."""
+        response.force_close()
+        await response.prepare(self.request)
+        await response.write_eof()
+        if self.request.transport is not None:
+            self.request.transport.close()  # after the buffered answer is flushed
 
     async def send_whole(self, opened: Opened) -> None:
         response = web.Response(
