@@ -66,7 +66,7 @@ def _bound(value: float) -> str:
 
 
 class StateCollector:
-    """Gauges read from live state at scrape time: concurrency, endpoint health."""
+    """Gauges read from live state at scrape time: concurrency, endpoint health, shared state."""
 
     def __init__(self, runtime: Callable[[], object]) -> None:
         self._runtime = runtime
@@ -98,7 +98,19 @@ class StateCollector:
                 healthy.add_metric(
                     [pool.name, endpoint.url], 1.0 if endpoint.in_rotation() else 0.0
                 )
-        yield from (in_use, capacity, waiting, healthy)
+        yield from (in_use, capacity, waiting, healthy, _shared_state_up(runtime))
+
+
+def _shared_state_up(runtime) -> GaugeMetricFamily:
+    """streamgate_shared_state_up: 0 while Redis (for `scope: global` limits) is unreachable;
+    1 when its last call succeeded, or when no limit is global (nothing shared to lose)."""
+    state = runtime.admission.shared_state
+    up = GaugeMetricFamily(
+        "streamgate_shared_state_up",
+        "1 when shared state (Redis) answered its last call or is not used; 0 while unreachable.",
+    )
+    up.add_metric([], 1.0 if state is None or state.up else 0.0)
+    return up
 
 
 class Metrics:

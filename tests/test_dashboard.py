@@ -25,7 +25,9 @@ KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ign
 
 def _exported_names() -> dict[str, str]:
     """{sample name a query may use: base metric name}, from the gateway's own registry."""
-    empty_runtime = SimpleNamespace(admission=SimpleNamespace(semaphores={}), pools={})
+    empty_runtime = SimpleNamespace(
+        admission=SimpleNamespace(semaphores={}, shared_state=None), pools={}
+    )
     registry = Metrics(lambda: empty_runtime).registry
     names: dict[str, str] = {}
     for family in registry.collect():
