@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+from .genai_metrics import GenAIMetrics
+
 # Buckets for LLM traffic: first chunks in milliseconds to a minute, streams up to half an hour.
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -214,6 +216,8 @@ class Metrics:
             registry=r,
         )
         r.register(StateCollector(runtime))
+        self.genai = GenAIMetrics(r)
+        """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):
