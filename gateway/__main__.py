@@ -1,4 +1,4 @@
-"""The `streamgate` command: serve, validate, explain, fake-llm."""
+"""The `streamgate` command: serve, validate, explain, schema, fake-llm."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--body", default=None, metavar="JSON")
 
     commands.add_parser(
+        "schema", help="print the config file's JSON Schema (for editors: yaml-language-server)"
+    )
+
+    commands.add_parser(
         "fake-llm", help="the bundled reference worker (see `fake-llm --help`)", add_help=False
     )
     return parser
@@ -56,7 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.explain import explain
 
         return explain(args.path, args.method, args.request_path, args.header, args.body)
+    if args.command == "schema":
+        return schema()
     return 2
+
+
+def schema() -> int:
+    import json
+
+    from gateway.config.schema import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
 
 
 def validate(path: str) -> int:

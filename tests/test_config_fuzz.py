@@ -6,6 +6,8 @@ configs, run in-process (a second or two); a few known cases also go through the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import re
 import subprocess
@@ -149,3 +151,22 @@ def test_a_file_that_is_not_utf8_is_reported_at_the_bad_byte(tmp_path, capsys):
     path.write_bytes(b"server:\n  listen: \xff\n")
     assert validate(str(path)) == 1
     assert capsys.readouterr().out == f"{path}:2:11: cannot read it: not UTF-8 text (byte 0xff)\n"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        pytest.param("a: " + "[" * 5000 + "]" * 5000, "gw.yaml:1:104:", id="flow-sequences"),
+        pytest.param("upstreams:\n  x: " + "{a: " * 3000, "gw.yaml:2:406:", id="flow-mappings"),
+    ],
+)
+def test_nesting_too_deep_for_the_parser_is_one_positioned_error(tmp_path, text, expected):
+    """PyYAML composes recursively: thousands of nested brackets are a RecursionError inside
+    it, which must still be one error line at the bracket that went too deep."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert validate(str(path)) == 1
+    (line,) = out.getvalue().splitlines()
+    assert line.startswith(str(tmp_path / expected)) and "nested more than 100 deep" in line

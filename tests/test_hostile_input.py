@@ -303,7 +303,6 @@ async def test_a_chunk_size_broken_mid_body_is_a_400_at_once(gateway, upstream):
 )
 def test_the_new_server_keys_are_validated(upstream_url_free_config, key, value, message):
     from gateway.config.loader import load_config_text
-
     from gateway.errors import ConfigErrors
 
     with pytest.raises(ConfigErrors) as caught:

@@ -70,6 +70,15 @@ async def readyz(request: web.Request) -> web.Response:
     # while some upstream still serves: a crash loop is visible here, not silent.
     for supervisor in runtime.supervisors.values():
         reasons.extend(supervisor.status())
+    # Redis down is reported, but leaves the pod ready under either `on_error`: every replica
+    # shares the same Redis, so taking pods out of rotation cannot route around the outage; it
+    # would only stop the routes that use no global limit too.
+    state = runtime.admission.shared_state
+    if state is not None and not state.up:
+        reasons.append(
+            f"shared state degraded: redis at {state.where} is unreachable "
+            f"(state.on_error: {state.config.on_error})"
+        )
     return web.json_response({"ready": ready, "reasons": reasons}, status=200 if ready else 503)
 
 

@@ -99,6 +99,11 @@ class Admission:
                 rate_limiters[name] = RedisRateLimiter(name, limit, backend)
         return cls(config, semaphores, rate_limiters, metrics, state)
 
+    @property
+    def shared_state(self) -> RedisState | None:
+        """The Redis state of this config's `scope: global` limits; None when none is global."""
+        return self._state
+
     async def close(self) -> None:
         """Let go of shared state (Redis connections, lease renewals) unless the next config's
         admission still uses it."""

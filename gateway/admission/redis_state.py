@@ -114,6 +114,12 @@ class RedisState:
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
         await self.client.aclose()
 
+    @property
+    def up(self) -> bool:
+        """False from a failed call until a call succeeds again (`streamgate_shared_state_up`,
+        and a /readyz reason). With no calls in between, the last answer stands."""
+        return not self._down
+
     # ----------------------------------------------------------------- calls
 
     def script(self, source: str) -> AsyncScript:

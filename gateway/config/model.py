@@ -97,6 +97,10 @@ class TelemetryConfig:
     tracing: TracingConfig = TracingConfig()
     access_log: Literal["json", "off"] = "json"
     """One JSON line per request on stderr, or nothing."""
+    genai_metrics: bool = False
+    """Also export OpenTelemetry GenAI semantic-convention metrics
+    (gen_ai_server_time_to_first_token_seconds, gen_ai_client_token_usage, ...) beside the
+    streamgate_* ones; their model label is the route's configured `match.model` (bounded)."""
 
 
 # --------------------------------------------------------------------------- upstreams

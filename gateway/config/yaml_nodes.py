@@ -85,9 +85,31 @@ def compose(text: str, source: str) -> Node:
     except yaml.YAMLError as exc:  # nothing else is expected; still one line, never a crash
         first = str(exc).split("\n", 1)[0]
         raise ConfigErrors([ConfigError(source, 1, 1, "", f"invalid YAML: {first}")]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        line, column = position(text, _too_deep_at(text))
+        message = f"invalid YAML: collections nested more than {MAX_FLOW_DEPTH} deep"
+        raise ConfigErrors([ConfigError(source, line, column, "", message)]) from None
     if root is None:
         raise ConfigErrors([ConfigError(source, 1, 1, "", "the file is empty")])
     return root
+
+
+MAX_FLOW_DEPTH = 100
+"""Deeper `[` / `{` nesting than any config needs; where the error is placed when PyYAML's
+recursive composer gives up on a file."""
+
+
+def _too_deep_at(text: str) -> int:
+    """Index of the first bracket that opens past MAX_FLOW_DEPTH (0 when none is found)."""
+    depth = 0
+    for index, char in enumerate(text):
+        if char in "[{":
+            depth += 1
+            if depth > MAX_FLOW_DEPTH:
+                return index
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return 0
 
 
 def position(text: str, index: int) -> tuple[int, int]:

@@ -102,6 +102,8 @@ class Runtime:
                 m.child(m.stream_errors, route, ctx.error_kind).inc()
             if ctx.usage is not None:
                 self._observe_usage(ctx, now)
+        if self.config.telemetry.genai_metrics:
+            m.genai.observe(ctx, asyncio.get_running_loop().time())
         self.access_log.write(ctx)
 
     def _observe_usage(self, ctx: RequestContext, now: float) -> None:

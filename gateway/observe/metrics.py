@@ -19,9 +19,12 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+from gateway.observe.genai_metrics import GenAIMetrics
+
 NO_NAME = "none"
 """The `route` or `upstream` label of a request refused before one was chosen (404, 413, 429,
 400, ...): one fixed, documented value, never an empty string."""
+
 
 # Buckets for LLM traffic: first chunks in milliseconds to a minute, streams up to half an hour.
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -70,7 +73,7 @@ def _bound(value: float) -> str:
 
 
 class StateCollector:
-    """Gauges read from live state at scrape time: concurrency, endpoint health."""
+    """Gauges read from live state at scrape time: concurrency, endpoint health, shared state."""
 
     def __init__(self, runtime: Callable[[], object]) -> None:
         self._runtime = runtime
@@ -109,7 +112,19 @@ class StateCollector:
         )
         for pool in runtime.pools.values():
             panic.add_metric([pool.name], 1.0 if pool.panic_reasons() else 0.0)
-        yield from (in_use, capacity, waiting, healthy, panic)
+        yield from (in_use, capacity, waiting, healthy, panic, _shared_state_up(runtime))
+
+
+def _shared_state_up(runtime) -> GaugeMetricFamily:
+    """streamgate_shared_state_up: 0 while Redis (for `scope: global` limits) is unreachable;
+    1 when its last call succeeded, or when no limit is global (nothing shared to lose)."""
+    state = runtime.admission.shared_state
+    up = GaugeMetricFamily(
+        "streamgate_shared_state_up",
+        "1 when shared state (Redis) answered its last call or is not used; 0 while unreachable.",
+    )
+    up.add_metric([], 1.0 if state is None or state.up else 0.0)
+    return up
 
 
 class Metrics:
@@ -238,6 +253,8 @@ class Metrics:
             registry=r,
         )
         r.register(StateCollector(runtime))
+        self.genai = GenAIMetrics(r)
+        """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):

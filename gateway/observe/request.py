@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class ObservedRequest(Protocol):
@@ -25,3 +25,6 @@ class ObservedRequest(Protocol):
     error_kind: str | None
     started: float
     first_chunk_at: float | None
+    route: Any
+    """The route config it matched (None before routing)."""
+    usage: tuple[int, int] | None
