@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.spec_metrics import DOCUMENTED_ADDITIONS, FROM_OTHER_BRANCHES, SPEC_SECTION_6
+from tests.support.spec_metrics import DOCUMENTED_ADDITIONS, SPEC_SECTION_6
 from tests.support.tools import require_tool
 from tests.test_dashboard import EXPORTED, metric_names
 
@@ -84,10 +84,10 @@ def test_every_alert_fires_in_one_unit_test_and_stays_silent_in_another():
 def test_alerts_name_only_exported_or_agreed_metrics(rule: dict):
     names = metric_names(rule["expr"])
     assert names
-    unknown = names - EXPORTED.keys() - FROM_OTHER_BRANCHES
+    unknown = names - EXPORTED.keys()
     assert not unknown, f"not exported: {sorted(unknown)}"
     bases = {EXPORTED.get(n, n) for n in names}
-    assert bases <= SPEC_SECTION_6 | DOCUMENTED_ADDITIONS | FROM_OTHER_BRANCHES
+    assert bases <= SPEC_SECTION_6 | DOCUMENTED_ADDITIONS
 
 
 def test_the_chart_prometheus_rule_is_rendered_from_the_same_file():
