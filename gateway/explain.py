@@ -7,7 +7,8 @@ import json
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.loader import load_config
-from gateway.config.model import EjectConfig, FramingConfig, GatewayConfig, HttpUpstream, Route
+from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
+from gateway.config.routes import FramingConfig, Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.errors import ConfigErrors
 from gateway.protocols.http.target import BadTarget, parse_target

@@ -17,12 +17,9 @@ import yaml
 from gateway.config.loader import load_config, load_config_text
 from gateway.config.model import (
     AdminConfig,
-    Backoff,
-    BufferConfig,
     ConcurrencyLimit,
     EjectConfig,
     EndpointConfig,
-    Fallback,
     GatewayConfig,
     HealthConfig,
     HttpUpstream,
@@ -30,16 +27,21 @@ from gateway.config.model import (
     RateLimit,
     ReadyConfig,
     RestartConfig,
-    RetryPolicy,
-    Route,
-    RouteMatch,
     ServerConfig,
     StateConfig,
     TelemetryConfig,
-    Timeouts,
     TracingConfig,
     Weights,
     WorkerPoolUpstream,
+)
+from gateway.config.routes import (
+    Backoff,
+    BufferConfig,
+    Fallback,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    Timeouts,
 )
 from gateway.errors import ConfigErrors
 

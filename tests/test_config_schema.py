@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from gateway.config.loader import load_config_text
-from gateway.config.model import ServerConfig, Timeouts
+from gateway.config.model import ServerConfig
+from gateway.config.routes import Timeouts
 from gateway.config.schema import config_schema
 from gateway.config.yaml_nodes import _Yaml12Loader
 from gateway.errors import ConfigErrors

@@ -30,7 +30,8 @@ from gateway.admission.redis_ratelimit import RedisRateLimiter
 from gateway.admission.redis_semaphore import GlobalSemaphore
 from gateway.admission.redis_state import RedisState
 from gateway.admission.semaphore import Semaphore, WeightedSemaphore
-from gateway.config.model import ConcurrencyLimit, GatewayConfig, Route
+from gateway.config.model import ConcurrencyLimit, GatewayConfig
+from gateway.config.routes import Route
 from gateway.errors import RateLimited
 from gateway.observe.metrics import Metrics
 

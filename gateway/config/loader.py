@@ -10,25 +10,18 @@ checks of `config_checks` run once conversion is clean.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import types
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple, NoReturn, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from gateway.config.checks import Problem, check, did_you_mean
-from gateway.config.model import (
-    DEFAULT_FALLBACK_ON,
-    Fallback,
-    FramingConfig,
-    GatewayConfig,
-    RateLimit,
-    RetryPolicy,
-    RouteMatch,
-)
+from gateway.config.checks import check
+from gateway.config.fields import COMPLETE, NORMALIZE, SHORTHAND, FieldSpec, kind_of, yaml_fields
+from gateway.config.model import GatewayConfig
+from gateway.config.rules import Problem, did_you_mean
 from gateway.config.scalars import BadScalar, read_literal, read_scalar, scalar_text
 from gateway.config.yaml_nodes import at, compose, describe, position
 from gateway.errors import ConfigError, ConfigErrors
@@ -70,71 +63,6 @@ def load_config_text(text: str, source: str, env: Mapping[str, str] | None = Non
     if problems:
         raise ConfigErrors([converter.position(p) for p in problems])
     return dataclasses.replace(cfg, source=source)
-
-
-# ----------------------------------------------------------------- schema tweaks
-
-# Dataclasses that may also be written as a bare scalar, giving this one field.
-_SHORTHAND = {Fallback: "upstream", FramingConfig: "kind"}
-
-
-def _lower_header_key(key: str) -> str:
-    return key.lower() if key.lower().startswith("header:") else key
-
-
-def _upper_all(methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    return None if methods is None else tuple(m.upper() for m in methods)
-
-
-def _lower_keys(headers: Mapping[str, str]) -> Mapping[str, str]:
-    # Header names are case-insensitive; the router compares against lower-cased request names.
-    return types.MappingProxyType({k.lower(): v for k, v in headers.items()})
-
-
-# Applied to a field's converted value: normal forms the rest of the gateway can rely on.
-_NORMALIZE: dict[tuple[type, str], Callable[[Any], Any]] = {
-    (RouteMatch, "methods"): _upper_all,
-    (RouteMatch, "headers"): _lower_keys,
-    (RateLimit, "key"): _lower_header_key,
-}
-
-
-def _retry_defaults(values: dict[str, Any]) -> None:
-    # A condition the operator retries on the same upstream must not be overridden by the
-    # *default* fallback_on (which fallback_on wins): `on: [first_chunk_timeout]` means retry
-    # it. An explicit fallback_on is kept as written (config_checks rejects overlaps).
-    if "on" in values and "fallback_on" not in values:
-        on = values["on"]
-        values["fallback_on"] = tuple(c for c in DEFAULT_FALLBACK_ON if c not in on)
-
-
-# Applied to a dataclass's converted fields before it is built: defaults that depend on others.
-_COMPLETE: dict[type, Callable[[dict[str, Any]], None]] = {RetryPolicy: _retry_defaults}
-
-
-class _FieldSpec(NamedTuple):
-    attr: str
-    type: Any
-    required: bool
-
-
-@functools.cache
-def _yaml_fields(cls: type) -> dict[str, _FieldSpec]:
-    """YAML key → field, for the fields that are YAML keys (metadata `yaml=None` ones are not)."""
-    hints = get_type_hints(cls, include_extras=True)  # resolves config.py's string annotations
-    return {
-        f.metadata.get("yaml", f.name): _FieldSpec(
-            f.name,
-            hints[f.name],
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-        )
-        for f in dataclasses.fields(cls)
-        if f.metadata.get("yaml", f.name) is not None
-    }
-
-
-def _kind_of(cls: type) -> str:
-    return get_args(_yaml_fields(cls)["kind"].type)[0]
 
 
 # ----------------------------------------------------------------- the converter
@@ -250,10 +178,10 @@ class _Converter:
     # -- dataclasses and unions
 
     def _dataclass(self, node: Node, cls: type, path: str) -> Any:
-        if isinstance(node, ScalarNode) and cls in _SHORTHAND:
-            spec = _yaml_fields(cls)[_SHORTHAND[cls]]
+        if isinstance(node, ScalarNode) and cls in SHORTHAND:
+            spec = yaml_fields(cls)[SHORTHAND[cls]]
             return cls(**{spec.attr: self.convert(node, spec.type, path)})
-        fields = _yaml_fields(cls)
+        fields = yaml_fields(cls)
         values, failed, seen = {}, False, set()
         for key, key_node, value_node in self._entries(node, path):
             spec = fields.get(key)
@@ -271,14 +199,14 @@ class _Converter:
             failed = True
         if failed:
             raise _Invalid
-        complete = _COMPLETE.get(cls)
+        complete = COMPLETE.get(cls)
         if complete is not None:
             complete(values)
         return cls(**values)
 
-    def _field(self, cls: type, spec: _FieldSpec, node: Node, path: str) -> Any:
+    def _field(self, cls: type, spec: FieldSpec, node: Node, path: str) -> Any:
         value = self.convert(node, spec.type, path)
-        normalize = _NORMALIZE.get((cls, spec.attr))
+        normalize = NORMALIZE.get((cls, spec.attr))
         return normalize(value) if normalize else value
 
     def _union(self, node: Node, tp: Any, path: str) -> Any:
@@ -296,7 +224,7 @@ class _Converter:
 
     def _discriminate(self, node: Node, members: list[type], path: str) -> type:
         """Which dataclass of a union a mapping is, by its `kind` (or, without one, its keys)."""
-        by_kind = {_kind_of(m): m for m in members}
+        by_kind = {kind_of(m): m for m in members}
         if not isinstance(node, MappingNode):
             return members[0]  # converting it reports "expected a mapping"
         keys = {k.value: v for k, v in reversed(node.value) if isinstance(k, ScalarNode)}
@@ -304,7 +232,7 @@ class _Converter:
             kind = self.convert(keys["kind"], Literal[tuple(by_kind)], _join(path, "kind"))
             return by_kind[kind]
         for member in members:
-            required = {k for k, spec in _yaml_fields(member).items() if spec.required}
+            required = {k for k, spec in yaml_fields(member).items() if spec.required}
             if required <= keys.keys():
                 return member
         self.fail(node, path, f"missing required key 'kind' ({' or '.join(by_kind)})")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, get_args, get_origin
 
 from yaml.nodes import Node, ScalarNode
 
-from gateway.config.checks import did_you_mean
+from gateway.config.rules import did_you_mean
 from gateway.config.yaml_nodes import BOOL, FLOAT, INT, NULL, describe, implicit_tag
 
 __all__ = ["BadScalar", "read_literal", "read_scalar", "scalar_text"]

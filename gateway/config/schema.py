@@ -24,10 +24,11 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from gateway.config import model as config_module
+from gateway.config import routes as routes_module
 
 # The loader's own tables: which YAML key each field is, and which dataclasses may also be
 # written as one scalar. Shared, not copied, so the schema follows the loader.
-from gateway.config.loader import _SHORTHAND, _yaml_fields
+from gateway.config.fields import SHORTHAND, yaml_fields
 from gateway.config.model import GatewayConfig
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -108,7 +109,7 @@ class _Builder:
         docs = field_docs(cls)
         defaults = {f.name: f for f in dataclasses.fields(cls)}
         properties, required = {}, []
-        for key, spec in _yaml_fields(cls).items():
+        for key, spec in yaml_fields(cls).items():
             prop = self.type_schema(spec.type)
             if docs.get(spec.attr):
                 prop = {"description": docs[spec.attr], **prop}
@@ -122,8 +123,8 @@ class _Builder:
         if required:
             schema["required"] = required
         schema["additionalProperties"] = False
-        if cls in _SHORTHAND:
-            shorthand = f"or just its `{_SHORTHAND[cls]}` as a string"
+        if cls in SHORTHAND:
+            shorthand = f"or just its `{SHORTHAND[cls]}` as a string"
             return {"description": shorthand, "anyOf": [{"type": "string"}, schema]}
         return schema
 
@@ -196,11 +197,16 @@ def _size_text(size: int) -> str:
 
 @functools.cache
 def _module_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field name: docstring}} from gateway/config.py: the string literal that
-    follows a field's annotated assignment is that field's documentation."""
-    tree = ast.parse(inspect.getsource(config_module))
+    """{class name: {field name: docstring}} from the declarations (config/model.py and
+    config/routes.py): the string literal that follows a field's annotated assignment is that
+    field's documentation."""
     docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
+    nodes = [
+        node
+        for module in (config_module, routes_module)
+        for node in ast.parse(inspect.getsource(module)).body
+    ]
+    for node in nodes:
         if not isinstance(node, ast.ClassDef):
             continue
         fields = docs[node.name] = {}

@@ -28,7 +28,7 @@ import json
 import random
 from collections.abc import Mapping
 
-from gateway.config.model import Backoff, Route
+from gateway.config.routes import Backoff, Route
 from gateway.engine.commit import AttemptFailed, HeldResponse
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 from gateway.errors import GatewayError, SlowClient, UpstreamTimeout
 
 

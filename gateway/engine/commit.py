@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, UpstreamResponse
 from gateway.engine.framing import Framing, choose

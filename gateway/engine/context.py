@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 from gateway.observe.spans import RequestTrace
 from gateway.observe.tracing import NULL_TRACE, NullTrace
 

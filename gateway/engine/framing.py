@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gateway.config.model import FramingConfig
+from gateway.config.routes import FramingConfig
 from gateway.engine import sse, truss
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage

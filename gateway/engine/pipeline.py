@@ -20,7 +20,8 @@ import os
 from collections.abc import Mapping
 from typing import Protocol
 
-from gateway.config.model import Route, ServerConfig
+from gateway.config.model import ServerConfig
+from gateway.config.routes import Route
 from gateway.engine.attempts import open_stream
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Sink

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Opened, Sink

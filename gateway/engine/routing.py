@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 
 _CANDIDATE_CACHE_SIZE = 4096
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.config.model import Route
+from gateway.config.routes import Route
 from gateway.engine.commit import AttemptFailed, read_until_commit
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened

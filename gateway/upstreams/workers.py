@@ -25,21 +25,27 @@ upstream connection that breaks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
-import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
 from gateway.config.model import WorkerPoolUpstream
 from gateway.observe.metrics import Metrics
-from gateway.upstreams.endpoint import Endpoint
 from gateway.upstreams.pool import UpstreamPool
+from gateway.upstreams.worker import (
+    BACKOFF,
+    FAILING,
+    READY,
+    STARTING,
+    STOPPED,
+    Worker,
+    argv_for,
+    choose_port,
+    env_for,
+)
 from gateway.upstreams.worker_process import WorkerProcess, exit_reason
 
 log = logging.getLogger("streamgate.workers")
@@ -53,55 +59,6 @@ READY_POLL_S = 0.1
 """How often a starting worker is probed: it joins rotation this soon after it is ready."""
 CRASH_LOOP_AFTER = 3
 """Failures in a row from which a worker's restarts are logged as errors (a crash loop)."""
-SELF_COMMAND = "streamgate"
-"""A command starting with this word runs this very gateway's code and interpreter
-(`python -m gateway ...`), so the bundled fake-llm works from a virtualenv not on PATH."""
-
-STARTING, READY, FAILING, BACKOFF, STOPPED = "starting", "ready", "failing", "backoff", "stopped"
-
-
-class Worker:
-    """One slot of the pool: its index, GPU, port and endpoint stay; its process is replaced
-    at every restart."""
-
-    __slots__ = (
-        "label",
-        "index",
-        "gpu",
-        "port",
-        "endpoint",
-        "process",
-        "state",
-        "since",
-        "ready_at",
-        "failures",
-        "last_failure",
-        "probe_failures",
-        "next_try_at",
-    )
-
-    def __init__(self, label: str, index: int, gpu: str | None, port: int, url: str) -> None:
-        self.label = label
-        """`pool[index]`: names the worker in logs and status lines."""
-        self.index = index
-        self.gpu = gpu
-        self.port = port
-        self.endpoint = Endpoint(url, healthy=False)
-        self.process: WorkerProcess | None = None
-        self.state = STARTING
-        self.since = time.monotonic()
-        """When the current state began."""
-        self.ready_at: float | None = None
-        """When the current process joined rotation (None: it has not)."""
-        self.failures = 0
-        """Failures in a row: crashes, readiness timeouts, failed liveness."""
-        self.last_failure = ""
-        self.probe_failures = 0
-        self.next_try_at = 0.0
-
-    def enter(self, state: str) -> None:
-        self.state, self.since = state, time.monotonic()
-
 
 class WorkerSupervisor:
     def __init__(
@@ -118,7 +75,7 @@ class WorkerSupervisor:
         gpus = config.gpus if config.gpus is not None else (None,) * (config.count or 0)
         self.workers: list[Worker] = []
         for index, gpu in enumerate(gpus):
-            port = _choose_port(config, index, None, {w.port for w in self.workers})
+            port = choose_port(config, index, None, {w.port for w in self.workers})
             self.workers.append(Worker(f"{name}[{index}]", index, gpu, port, self._url(port)))
         endpoints = (w.endpoint for w in self.workers)
         self.pool = UpstreamPool(name, config, endpoints, metrics, client)
@@ -185,9 +142,10 @@ class WorkerSupervisor:
     async def _run_once(self, worker: Worker) -> str:
         """Spawn the worker and watch it until it fails; returns why it failed."""
         others = {w.port for w in self.workers if w is not worker}
-        worker.port = _choose_port(self.config, worker.index, worker.port, others)
+        worker.port = choose_port(self.config, worker.index, worker.port, others)
         worker.endpoint.url = self._url(worker.port)
-        worker.process = WorkerProcess(self._argv(worker), self._env(worker), worker.label)
+        argv, env = argv_for(self.config, worker), env_for(self.config, worker)
+        worker.process = WorkerProcess(argv, env, worker.label)
         worker.ready_at = None
         worker.enter(STARTING)
         try:
@@ -316,54 +274,6 @@ class WorkerSupervisor:
     def _url(self, port: int) -> str:
         host = self.config.host
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def _argv(self, worker: Worker) -> list[str]:
-        argv = [_substitute(arg, worker) for arg in self.config.command]
-        if argv[0] == SELF_COMMAND:
-            argv[:1] = [sys.executable, "-m", "gateway"]
-        return argv
-
-    def _env(self, worker: Worker) -> dict[str, str]:
-        # Unbuffered, so a Python worker's output reaches the log as it is written.
-        env = {"PYTHONUNBUFFERED": "1", **os.environ}
-        env.update((key, _substitute(value, worker)) for key, value in self.config.env.items())
-        if worker.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = worker.gpu
-        return env
-
-
-def _substitute(text: str, worker: Worker) -> str:
-    # Plain replacement, not str.format: arguments may hold JSON with braces of their own.
-    return (
-        text.replace("{port}", str(worker.port))
-        .replace("{gpu}", worker.gpu if worker.gpu is not None else "")
-        .replace("{index}", str(worker.index))
-    )
-
-
-def _choose_port(
-    config: WorkerPoolUpstream, index: int, current: int | None, taken: Collection[int]
-) -> int:
-    """`port_base + index` when configured; else the worker's port so far while it is free
-    (a stable URL across restarts), or a fresh free one."""
-    if config.port_base is not None:
-        return config.port_base + index
-    if current is not None and _bind(config.host, current) is not None:
-        return current
-    while True:
-        port = _bind(config.host, 0)
-        if port is None:
-            raise OSError(f"cannot bind a port on {config.host}")
-        if port not in taken:
-            return port
-
-
-def _bind(host: str, port: int) -> int | None:
-    """The port bound on `host` (then released at once), or None if it cannot be bound."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with contextlib.suppress(OSError), socket.create_server((host, port), family=family) as sock:
-        return sock.getsockname()[1]
-    return None
 
 
 def _duration(seconds: float) -> str:

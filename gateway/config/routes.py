@@ -1,0 +1,120 @@
+"""Route rules as frozen dataclasses: what a route matches, where it goes, and its policies.
+
+Documented at each field, like the rest of the schema (`model.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.config.units import Bytes, MiB, Seconds, frozen_map
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    path: str | None = None
+    """Exact request path."""
+    path_prefix: str | None = None
+    """Request path prefix; exclusive with `path`."""
+    methods: tuple[str, ...] | None = None
+    """Upper-case HTTP methods; any method when absent."""
+    model: str | None = None
+    """Glob (`llama-*`) on the JSON body's "model"; a body without one never matches."""
+    headers: Mapping[str, str] = field(default_factory=frozen_map)
+    """Exact values; header names are case-insensitive."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    upstream: str
+    model: str | None = None
+    """Rewrites the request body's "model" for this hop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    queue: Seconds = 5.0
+    """Longest wait for concurrency units; separately, the longest wait of each try for one of
+    its upstream's `max_connections` (that wait does not eat into connect or first_chunk)."""
+    connect: Seconds = 2.0
+    first_chunk: Seconds = 30.0
+    """From request sent to the first content chunk (the commit point)."""
+    chunk_gap: Seconds = 30.0
+    """Longest upstream silence between two body chunks once committed."""
+    total: Seconds = 600.0
+    """The whole exchange, admission to last byte."""
+    slow_client: Seconds = 30.0
+    """How long a full buffer may wait for the client to drain."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: Seconds = 0.1
+    max: Seconds = 2.0
+    jitter: bool = True
+
+
+DEFAULT_RETRY_ON = ("connect_error", "reset", "empty_body", "429", "500", "502", "503", "504")
+DEFAULT_FALLBACK_ON = ("first_chunk_timeout", "context_length_exceeded")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    """Tries per upstream, the first included (3 = at most 3 requests to it)."""
+    on: tuple[str, ...] = DEFAULT_RETRY_ON
+    """Conditions retried on the same upstream: `connect_error`, `reset`, `empty_body`,
+    `first_chunk_timeout`, `pool_exhausted`, a status code, or an error code from the
+    upstream's JSON error body.
+    Status codes are held as strings ("429")."""
+    fallback_on: tuple[str, ...] = DEFAULT_FALLBACK_ON
+    """Conditions that skip straight to the next fallback. Left out, it is the default minus
+    the conditions written in `on`, so `on: [first_chunk_timeout]` retries that condition on
+    the same upstream; written out, a condition may not be in both lists."""
+    backoff: Backoff = Backoff()
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    chunks: int = 64
+    bytes: Bytes = 1 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class FramingConfig:
+    """How the gateway reads a response body: what a frame is, which frame commits, and how a
+    failure after the commit point is shown. Written as a bare name (`framing: sse`) or a
+    mapping (`framing: {kind: truss, require_footer: true}`)."""
+
+    kind: Literal["auto", "sse", "ndjson", "raw", "unary", "truss"] = "auto"
+    """`auto` picks by the response: `text/event-stream` is `sse`, `application/x-ndjson` or
+    `application/jsonl` is `ndjson`, anything else `raw` when the request asked for a stream
+    and `unary` when it did not. `sse`: an event is a frame, the first with content commits
+    (a role-only delta does not), a failure after commit is an `event: error`. `ndjson`: a line
+    is a frame. `raw`: bytes as they come. `unary`: the whole body is read before committing.
+    `truss`: Baseten Truss Chains typed frames; the first ITEM commits (a header does not).
+    After the commit point every framing but `sse` shows a failure by aborting the
+    connection."""
+    require_footer: bool = False
+    """`truss` only: a stream that ends without a FOOTER frame is a truncation (aborted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    upstream: str
+    match: RouteMatch = RouteMatch()
+    fallbacks: tuple[Fallback, ...] = ()
+    """Tried in order once the primary gives up; YAML entries are a name or {upstream, model}."""
+    limits: tuple[str, ...] = ()
+    """Names from limits.rate and limits.concurrency; charged rate limits first, then
+    concurrency, each group in the order listed here."""
+    timeouts: Timeouts = Timeouts()
+    retry: RetryPolicy = RetryPolicy()
+    buffer: BufferConfig = BufferConfig()
+    keepalive: Seconds | None = None
+    """Write `: keepalive` after this much upstream silence on a committed SSE stream."""
+    framing: FramingConfig = FramingConfig()
+    """What a frame of the response body is (see FramingConfig); `auto` by default."""
