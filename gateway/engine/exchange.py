@@ -64,6 +64,12 @@ class UpstreamClient(Protocol):
     def drop_idle(self, endpoint: Endpoint) -> None:
         """Close the idle kept-alive connections to `endpoint` (its process is gone)."""
 
+    async def start(self) -> None:
+        """Open what `send` needs (a session, a channel); called once before any try."""
+
+    async def close(self) -> None:
+        """Close every connection; called when the pool's runtime is done."""
+
 
 class Opened:
     """The upstream answer the client will get, with what was read of it before committing."""
