@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
 from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
 from gateway.config.routes import FramingConfig, Route
@@ -32,7 +34,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    for line in explain_lines(config, facts, stream):
+    for line in explain_lines(config, facts, stream, body):
         print(line)
     return 0
 
@@ -65,7 +67,9 @@ def _facts(
     return facts, stream
 
 
-def explain_lines(config: GatewayConfig, facts: RequestFacts, stream: bool) -> list[str]:
+def explain_lines(
+    config: GatewayConfig, facts: RequestFacts, stream: bool, body: str | None = None
+) -> list[str]:
     router = Router(config.routes)
     lines = [
         f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")
@@ -84,20 +88,21 @@ def explain_lines(config: GatewayConfig, facts: RequestFacts, stream: bool) -> l
         return lines
     lines.append(f"route: {chosen.name}")
     lines.append(f"kind: {'stream' if stream else 'unary'}")
-    lines.extend(_limit_lines(config, chosen, stream))
+    lines.extend(_limit_lines(config, chosen, stream, body))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
     return lines
 
 
-def _limit_lines(config: GatewayConfig, route: Route, stream: bool) -> list[str]:
+def _limit_lines(config: GatewayConfig, route: Route, stream: bool, body: str | None) -> list[str]:
     if not route.limits:
         return ["limits: none"]
-    lines = ["limits (rate limits first, then concurrency, each in route order):"]
+    lines = ["limits (rate limits, then token budgets, then concurrency, each in route order):"]
     for name in route.limits:
         if name in config.limits.rate:
             r = config.limits.rate[name]
             lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({r.scope})")
+    lines.extend(_budget_lines(config, route, body))
     for name in route.limits:
         if name in config.limits.concurrency:
             c = config.limits.concurrency[name]
@@ -105,6 +110,26 @@ def _limit_lines(config: GatewayConfig, route: Route, stream: bool) -> list[str]
             lines.append(
                 f"  {name}: concurrency, weight {weight} of {c.capacity} units, "
                 f"queue up to {c.max_queue} requests ({c.scope})"
+            )
+    return lines
+
+
+def _budget_lines(config: GatewayConfig, route: Route, body: str | None) -> list[str]:
+    raw = (body or "").encode()
+    try:
+        payload = json.loads(raw) if raw else None
+    except ValueError:
+        payload = None
+    request = SimpleNamespace(json=payload if isinstance(payload, dict) else None, body=raw)
+    lines = []
+    for name in route.limits:
+        if (b := config.limits.tokens.get(name)) is not None:
+            prompt, completion = estimate(request, b)
+            reserve = min(prompt + completion, b.tokens)
+            lines.append(
+                f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} ({b.scope}); "
+                f"reserves {reserve} (prompt ~{prompt} + completion {completion}, capped at the "
+                "budget), settled to the upstream's usage when the request ends"
             )
     return lines
 

@@ -1,15 +1,18 @@
-"""Admission: rate limits first, then weighted concurrency, in the order the route lists them.
+"""Admission: rate limits, then token budgets, then weighted concurrency, each in route order.
 
 Order is semantics here. A route's limits are charged in this fixed order:
 
 1. every rate limit it lists, in the route's order: each takes one request now or rejects at
    once (429); no queue, so a rejected request costs nothing;
-2. every concurrency limit it lists, in the route's order: each takes the request's weight in
+2. every token budget it lists: each reserves the request's token estimate now or rejects at
+   once (429); the reservation is settled to real usage when the request ends (budgets.py);
+3. every concurrency limit it lists, in the route's order: each takes the request's weight in
    units, waiting in its FIFO queue; all of them together within one `timeouts.queue`.
 
 Whatever was taken is given back, in reverse, if a later limit rejects (or the client leaves
 while queued). Units are then held until the response's last byte is written or the client is
-gone, and released exactly once on every exit path.
+gone, and released exactly once on every exit path; token reservations are settled there too,
+in the same `finally`, so no protocol or exit path settles on its own.
 
 `scope: local` limits live in this process (`WeightedSemaphore`, `LocalRateLimiter`);
 `scope: global` ones are shared through Redis (`redis_semaphore`, `redis_ratelimit`). On a
@@ -25,19 +28,21 @@ import contextlib
 from collections.abc import AsyncIterator, Hashable, Mapping
 from typing import NamedTuple, Protocol
 
+from gateway.admission import budgets
 from gateway.admission.ratelimit import LocalRateLimiter, RateLimiter, Taken
 from gateway.admission.redis_ratelimit import RedisRateLimiter
 from gateway.admission.redis_semaphore import GlobalSemaphore
 from gateway.admission.redis_state import RedisState
 from gateway.admission.semaphore import Semaphore, WeightedSemaphore
+from gateway.admission.tokens import TokenLimiter
 from gateway.config.model import ConcurrencyLimit, GatewayConfig
 from gateway.config.routes import Route
 from gateway.errors import RateLimited
 from gateway.observe.metrics import Metrics
 
 
-class Admittable(Protocol):
-    """What admission reads and writes of a request (the engine's Admittable)."""
+class Admittable(budgets.Budgeted, Protocol):
+    """What admission reads and writes of a request (the engine's RequestContext)."""
 
     client_ip: str
     stream: bool
@@ -50,6 +55,7 @@ class _Plan(NamedTuple):
     """What admission charges for one route, resolved once per config."""
 
     rates: tuple[RateLimiter, ...]
+    budgets: tuple[TokenLimiter, ...]
     slots: tuple[tuple[Semaphore, int, int], ...]
     """(semaphore, units for a stream, units for a unary request)."""
 
@@ -62,9 +68,11 @@ class Admission:
         rate_limiters: Mapping[str, RateLimiter],
         metrics: Metrics,
         state: RedisState | None = None,
+        token_limiters: Mapping[str, TokenLimiter] | None = None,
     ) -> None:
         self.semaphores = semaphores
         self.rate_limiters = rate_limiters
+        self.token_limiters = token_limiters or {}
         self._limits = config.limits
         self._metrics = metrics
         self._state = state
@@ -98,7 +106,9 @@ class Admission:
                 rate_limiters[name] = LocalRateLimiter(name, limit)
             else:
                 rate_limiters[name] = RedisRateLimiter(name, limit, backend)
-        return cls(config, semaphores, rate_limiters, metrics, state)
+        old_tokens = previous.token_limiters if previous is not None else {}
+        tokens = budgets.token_limiters(config.limits, state, old_tokens)
+        return cls(config, semaphores, rate_limiters, metrics, state, tokens)
 
     @property
     def shared_state(self) -> RedisState | None:
@@ -113,12 +123,13 @@ class Admission:
 
     def _plan(self, route: Route) -> _Plan:
         rates = tuple(self.rate_limiters[n] for n in route.limits if n in self.rate_limiters)
+        tokens = tuple(self.token_limiters[n] for n in route.limits if n in self.token_limiters)
         slots = tuple(
             (self.semaphores[n], limit.weights.stream, limit.weights.unary)
             for n in route.limits
             if (limit := self._limits.concurrency.get(n)) is not None and n in self.semaphores
         )
-        return _Plan(rates, slots)
+        return _Plan(rates, tokens, slots)
 
     def weight(self, route: Route, stream: bool) -> int:
         """The largest weight any of the route's concurrency limits charges (for logs)."""
@@ -132,13 +143,19 @@ class Admission:
         """Hold the route's limits for the `async with` body; `headers` are the request's
         (case-insensitive), for rate limits keyed by a header."""
         plan = self._plans.get(route.name) or self._plan(route)
-        if not (plan.rates or plan.slots):
+        if not (plan.rates or plan.budgets or plan.slots):
             yield
             return
         taken = await self._take_rates(ctx, route, headers, plan.rates)
+        charges: list[budgets.Charge] = []
         try:
+            if plan.budgets:
+                charges = await budgets.reserve(
+                    ctx, route.name, headers, plan.budgets, self._metrics.budgets
+                )
             held = await _take_units(ctx, route, plan.slots)
         except BaseException:
+            budgets.settle(ctx, charges, self._metrics.budgets, refund=True)
             for grant in taken:
                 grant.refund()
             raise
@@ -146,6 +163,7 @@ class Admission:
             yield
         finally:
             _release(held)
+            budgets.settle(ctx, charges, self._metrics.budgets)
 
     async def _take_rates(
         self,
@@ -212,7 +230,11 @@ def _semaphore(
 def _shared_state(config: GatewayConfig, previous: Admission | None) -> RedisState | None:
     """The Redis state for `config`'s global limits: the previous one when the `state` section
     did not change (its connections and leases carry over), else a new one."""
-    limits = (*config.limits.concurrency.values(), *config.limits.rate.values())
+    limits = (
+        *config.limits.concurrency.values(),
+        *config.limits.rate.values(),
+        *config.limits.tokens.values(),
+    )
     if not any(limit.scope == "global" for limit in limits):
         return None
     old = previous._state if previous is not None else None

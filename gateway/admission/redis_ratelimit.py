@@ -79,7 +79,7 @@ class RedisRateLimiter:
         """Counts while Redis is unreachable under fail_open."""
 
     async def take(self, key: str) -> Taken:
-        bucket = self._prefix + _digest(key)
+        bucket = self._prefix + digest(key)
         try:
             allowed, remaining, retry_ms = await self._state.call_or_undo(
                 self._take, (bucket,), self._args, undo=partial(self._undo, bucket)
@@ -99,5 +99,5 @@ class RedisRateLimiter:
             self._give_back(bucket)
 
 
-def _digest(key: str) -> str:
+def digest(key: str) -> str:
     return hashlib.blake2b(key.encode(errors="surrogateescape"), digest_size=12).hexdigest()

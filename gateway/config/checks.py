@@ -154,6 +154,11 @@ def _limits(cfg: GatewayConfig) -> Problems:
         if name in limits.concurrency:
             message = f"limit '{name}' is also defined in limits.concurrency (names must be unique)"
             yield Problem(f"limits.rate.{name}", message, at_key=True)
+    for name in limits.tokens:
+        for kind in ("rate", "concurrency"):
+            if name in getattr(limits, kind):
+                message = f"limit '{name}' is also defined in limits.{kind} (names must be unique)"
+                yield Problem(f"limits.tokens.{name}", message, at_key=True)
     for name, limit in limits.concurrency.items():
         path = f"limits.concurrency.{name}"
         yield from at_least(f"{path}.capacity", limit.capacity, 1)
@@ -169,6 +174,15 @@ def _limits(cfg: GatewayConfig) -> Problems:
         yield from _rate_key(f"{path}.key", limit.key)
         yield from _scope(f"{path}.scope", limit.scope, cfg)
         yield from at_least(f"{path}.max_keys", limit.max_keys, 1)
+    for name, budget in limits.tokens.items():
+        path = f"limits.tokens.{name}"
+        yield from at_least(f"{path}.tokens", budget.tokens, 1)
+        yield from positive(f"{path}.per", budget.per, "s")
+        yield from _rate_key(f"{path}.key", budget.key)
+        yield from _scope(f"{path}.scope", budget.scope, cfg)
+        yield from at_least(f"{path}.default_max_tokens", budget.default_max_tokens, 0)
+        yield from at_least(f"{path}.bytes_per_token", budget.bytes_per_token, 1)
+        yield from at_least(f"{path}.max_keys", budget.max_keys, 1)
 
 
 def _weight(path: str, weight: int, capacity: int) -> Problems:

@@ -10,7 +10,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, get_args, get_type_hints
 
-from gateway.config.model import RateLimit
+from gateway.config.model import RateLimit, TokenBudget
 from gateway.config.routes import (
     DEFAULT_FALLBACK_ON,
     Fallback,
@@ -41,6 +41,7 @@ NORMALIZE: dict[tuple[type, str], Callable[[Any], Any]] = {
     (RouteMatch, "methods"): _upper_all,
     (RouteMatch, "headers"): _lower_keys,
     (RateLimit, "key"): _lower_header_key,
+    (TokenBudget, "key"): _lower_header_key,
 }
 
 
@@ -80,5 +81,3 @@ def yaml_fields(cls: type) -> dict[str, FieldSpec]:
 
 def kind_of(cls: type) -> str:
     return get_args(yaml_fields(cls)["kind"].type)[0]
-
-

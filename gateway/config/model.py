@@ -4,7 +4,7 @@ This module is the schema: every field carries its unit, default and meaning bes
 It does no I/O. `config_loader` turns YAML nodes into these objects, reading each field's
 annotation to know how to parse it:
 
-Route rules are declared in `routes.py`, the units in `units.py`.
+Route rules are declared in `routes.py`, limits in `limits.py`, the units in `units.py`.
 
 - `Seconds` fields take duration strings (`250ms`, `5s`, `2m`, `1h`) and hold float seconds;
 - `Bytes` fields take size strings (`512KiB`, `4MiB`, `1GB`) or plain integers and hold bytes;
@@ -21,6 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gateway.config.limits import (  # noqa: F401 -- declared there, part of this schema
+    ConcurrencyLimit,
+    LimitsConfig,
+    RateLimit,
+    TokenBudget,
+    Weights,
+)
 from gateway.config.routes import Route
 from gateway.config.units import Bytes, HostPort, KiB, MiB, Seconds, frozen_map
 
@@ -199,44 +206,6 @@ class WorkerPoolUpstream:
 
 
 Upstream = HttpUpstream | WorkerPoolUpstream
-
-
-# --------------------------------------------------------------------------- limits
-
-
-@dataclass(frozen=True, slots=True)
-class Weights:
-    stream: int = 1
-    unary: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ConcurrencyLimit:
-    capacity: int
-    """Units available; a request holds its weight in units for the life of its response."""
-    weights: Weights = Weights()
-    max_queue: int = 1000
-    """Requests (not units) allowed to wait; beyond this, 503 at once."""
-    scope: Literal["local", "global"] = "local"
-    """`global` shares the capacity across replicas through Redis leases."""
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimit:
-    rate: float
-    """Requests admitted per `per` window, per key."""
-    per: Seconds = 1.0
-    key: str = "route"
-    """`route`, `client_ip` or `header:NAME`."""
-    scope: Literal["local", "global"] = "local"
-    max_keys: int = 10000
-    """Bound on distinct keys kept in memory (least recently used are forgotten)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    concurrency: Mapping[str, ConcurrencyLimit] = field(default_factory=frozen_map)
-    rate: Mapping[str, RateLimit] = field(default_factory=frozen_map)
 
 
 # --------------------------------------------------------------------------- the whole

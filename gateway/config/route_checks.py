@@ -41,7 +41,8 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
     for j, fallback in enumerate(route.fallbacks):
         upstream_path = f"{path}.fallbacks[{j}].upstream"
         yield from known(upstream_path, fallback.upstream, "upstream", cfg.upstreams)
-    yield from _route_limits(path, route, {**cfg.limits.rate, **cfg.limits.concurrency})
+    limits = cfg.limits
+    yield from _route_limits(path, route, {**limits.rate, **limits.tokens, **limits.concurrency})
     yield from _match(f"{path}.match", route.match)
     for field in dataclasses.fields(route.timeouts):
         value = getattr(route.timeouts, field.name)

@@ -45,6 +45,7 @@ class RequestContext:
         "buffered_chunks",
         "deadline",
         "rate_remaining",
+        "token_budget",
         "usage",
         "abort",
         "trace",
@@ -83,6 +84,9 @@ class RequestContext:
         """Event-loop time at which `timeouts.total` runs out."""
         self.rate_remaining: tuple[int, int] | None = None
         """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
+        self.token_budget: tuple[int, int, float] | None = None
+        """(size, remaining, seconds until full) of the tightest token budget charged, for
+        x-ratelimit-*-tokens headers."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens, where the upstream reported `usage`."""
         self.abort = None

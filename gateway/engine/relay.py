@@ -108,33 +108,37 @@ class _Pump:
         if watch_usage and b'"usage"' in data:
             usage_frames = data
         arrived = clock.since = time()
-        while data := await read():
-            now = time()
-            observe_gap(gaps, now - arrived)
-            arrived = clock.since = now
-            if tail:
-                data = tail + data
-            end = cut(data)
-            if end < len(data):
-                if not end:
-                    tail = data
-                    continue
-                data, tail = data[:end], data[end:]
-            else:
-                tail = b""
-            if closing():
-                raise ConnectionResetError("the client went away")
-            write(data)
-            ctx.chunks += framing.frames
-            ctx.bytes += len(data)
-            if watch_usage and b'"usage"' in data:
-                usage_frames = data
-            if buffered():
-                await self._hold_back()
-            elif ctx.buffered_chunks:
-                ctx.buffered_chunks = 0
-        if usage_frames:
-            ctx.usage = framing.usage(usage_frames)
+        try:
+            while data := await read():
+                now = time()
+                observe_gap(gaps, now - arrived)
+                arrived = clock.since = now
+                if tail:
+                    data = tail + data
+                end = cut(data)
+                if end < len(data):
+                    if not end:
+                        tail = data
+                        continue
+                    data, tail = data[:end], data[end:]
+                else:
+                    tail = b""
+                if closing():
+                    raise ConnectionResetError("the client went away")
+                write(data)
+                ctx.chunks += framing.frames
+                ctx.bytes += len(data)
+                if watch_usage and b'"usage"' in data:
+                    usage_frames = data
+                if buffered():
+                    await self._hold_back()
+                elif ctx.buffered_chunks:
+                    ctx.buffered_chunks = 0
+        finally:
+            # On every exit (a cut stream, a client gone) so token budgets settle to the
+            # usage seen so far; parsed once here, not per chunk.
+            if usage_frames:
+                ctx.usage = framing.usage(usage_frames)
         truncated = framing.ended(tail)
         if truncated is not None:
             raise truncated

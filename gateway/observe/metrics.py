@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+from gateway.observe.budget_metrics import BudgetMetrics
 from gateway.observe.genai_metrics import GenAIMetrics
 
 NO_NAME = "none"
@@ -252,6 +253,7 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.budgets = BudgetMetrics(r)
         r.register(StateCollector(runtime))
         self.genai = GenAIMetrics(r)
         """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""

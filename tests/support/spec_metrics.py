@@ -36,5 +36,8 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_upstream_pool_wait_seconds",
         "streamgate_upstream_pool_exhausted_total",
         "streamgate_bad_requests_total",
+        "streamgate_token_budget_reserved_tokens_total",
+        "streamgate_token_budget_settled_tokens_total",
+        "streamgate_token_budget_refused_total",
     }
 )

@@ -75,8 +75,18 @@ def client_response_headers(
     return out
 
 
-def add_rate_limit_headers(headers, rate_remaining: tuple[int, int] | None) -> None:
-    """x-ratelimit-limit / x-ratelimit-remaining, where a rate limit applied."""
+def add_rate_limit_headers(
+    headers,
+    rate_remaining: tuple[int, int] | None,
+    token_budget: tuple[int, int, float] | None = None,
+) -> None:
+    """x-ratelimit-limit / x-ratelimit-remaining, where a rate limit applied; and, where a
+    token budget applied, the -tokens trio the well-known hosted APIs send (reset as seconds
+    with an `s`, the time until the budget is full again)."""
     if rate_remaining is not None:
         headers["x-ratelimit-limit"] = str(rate_remaining[0])
         headers["x-ratelimit-remaining"] = str(rate_remaining[1])
+    if token_budget is not None:
+        headers["x-ratelimit-limit-tokens"] = str(token_budget[0])
+        headers["x-ratelimit-remaining-tokens"] = str(token_budget[1])
+        headers["x-ratelimit-reset-tokens"] = f"{round(token_budget[2], 3):g}s"

@@ -30,8 +30,9 @@ class HttpSink:
         self.transport: asyncio.Transport | None = None
 
     async def refuse(self, err: GatewayError) -> None:
-        response = error_response(err, self.ctx.request_id)
-        add_rate_limit_headers(response.headers, self.ctx.rate_remaining)
+        ctx = self.ctx
+        response = error_response(err, ctx.request_id)
+        add_rate_limit_headers(response.headers, ctx.rate_remaining, ctx.token_budget)
         self.response = response
         if isinstance(err, RequestTimeout) or self.request.content.exception() is not None:
             await self._send_and_close(response)
@@ -81,7 +82,7 @@ class HttpSink:
     def _headers(self, opened: Opened):
         sse = opened.headers.get("content-type", "").startswith("text/event-stream")
         headers = client_response_headers(opened.headers, self.ctx.request_id, sse)
-        add_rate_limit_headers(headers, self.ctx.rate_remaining)
+        add_rate_limit_headers(headers, self.ctx.rate_remaining, self.ctx.token_budget)
         return headers
 
     async def drain(self) -> None:
