@@ -28,14 +28,11 @@ import os
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from gateway.admission.redis_client import connect
 from gateway.config.model import StateConfig
 from gateway.errors import StateUnavailable
 
@@ -68,17 +65,10 @@ class RedisState:
     def __init__(self, config: StateConfig) -> None:
         self.config = config
         self.fail_open = config.on_error == "fail_open"
-        pool = BlockingConnectionPool.from_url(
-            config.redis_url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=CALL_TIMEOUT_S,
-            # Reads are bounded by `call`'s own timeout; a socket timeout as well would only
-            # add a timer per read.
-            socket_connect_timeout=CALL_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self.client = Redis.from_pool(pool)
-        self.where = _without_credentials(config.redis_url)
+        client = connect(config.redis_url, CALL_TIMEOUT_S, MAX_CONNECTIONS)
+        self.client = client.redis
+        self._aclose = client.aclose
+        self.where = client.where
         self._lease_ids = map(f"{os.urandom(6).hex()}:{{}}".format, itertools.count())
         self._down_until = 0.0
         self._down = False
@@ -112,7 +102,7 @@ class RedisState:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*loops, *self._tasks, return_exceptions=True)
-        await self.client.aclose()
+        await self._aclose()
 
     @property
     def up(self) -> bool:
@@ -263,13 +253,6 @@ class RedisState:
 async def _ignoring_unavailable(call: Awaitable[Any]) -> None:
     with contextlib.suppress(StateUnavailable):
         await call
-
-
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.hostname is None:  # unix://PATH
-        return f"{parts.scheme}://{parts.path}"
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from gateway.config.model import (
     HttpUpstream,
     WorkerPoolUpstream,
 )
+from gateway.config.redis_url import BadRedisUrl, parse_redis_url
 from gateway.config.route_checks import check_routes
 from gateway.config.rules import (
     Problem,
@@ -49,6 +50,10 @@ def _server(cfg: GatewayConfig) -> Problems:
     for name in ("header_timeout", "idle_timeout", "body_timeout"):
         yield from positive(f"server.{name}", getattr(cfg.server, name), "s")
     yield from positive("state.lease_ttl", cfg.state.lease_ttl, "s")
+    try:
+        parse_redis_url(cfg.state.redis_url)
+    except BadRedisUrl as exc:
+        yield Problem("state.redis_url", str(exc))
 
 
 def _telemetry(cfg: GatewayConfig) -> Problems:

@@ -71,6 +71,10 @@ class StateConfig:
     backend: Literal["memory", "redis"] = "memory"
     """Where `scope: global` limits keep their state. `memory` needs nothing else."""
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """One server (`redis://[user:password@]host:port/db`, `rediss://`, `unix://PATH`); a
+    Sentinel-managed master (`redis+sentinel://host:port,host:port/SERVICE[/db]`: found
+    through the sentinels, followed across failovers without a restart); or a Redis Cluster
+    (`redis+cluster://host:port,host:port`, seed nodes). See config/redis_url.py."""
     on_error: Literal["fail_open", "fail_closed"] = "fail_open"
     """When Redis is unreachable: `fail_open` keeps admitting, each replica enforcing the
     global limits on its own (so an outage loosens a limit by at most the replica count);

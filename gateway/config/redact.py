@@ -43,8 +43,8 @@ def redacted_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # The netloc as written after the credentials: a sentinel or cluster URL lists several
+    # host:port pairs, which urlsplit's port parsing rejects.
+    hosts = parts.netloc.rpartition("@")[2]
     user = f"{parts.username}:" if parts.username else ":"
-    return urlunsplit(parts._replace(netloc=f"{user}{REDACTED}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}{REDACTED}@{hosts}"))
