@@ -273,6 +273,22 @@ async def test_a_replica_that_dies_holding_a_reservation_leaves_it_to_refill(red
         assert ttls and all(0 < ttl <= 1000 for ttl in ttls)  # it expires by itself
 
 
+@pytest.mark.redis
+async def test_a_tiny_reservation_of_a_huge_global_budget_is_not_a_redis_error(redis_url):  # noqa: F811
+    """At µs times near 2^51 a double cannot add 0.1 µs: the TAT does not move, and the
+    script must still store a valid expiry (found by loadtests/bench_tokens.py)."""
+    config = TokenBudget(tokens=2_000_000_000, per=1.0, scope="global")
+    state = RedisState(StateConfig(backend="redis", redis_url=redis_url, on_error="fail_closed"))
+    try:
+        budget = RedisTokenBudget(f"tpm-{uuid.uuid4().hex[:8]}", config, state)
+        for _ in range(3):
+            reserved = await budget.reserve("k", 220)  # fail_closed: a script error raises
+            reserved.settle(30)
+        assert state.up
+    finally:
+        await state.close()
+
+
 # ----------------------------------------------------------------- config and explain
 
 

@@ -21,6 +21,8 @@ from gateway.admission.tokens import LocalTokenBudget, Reserved, refused
 from gateway.config.model import TokenBudget
 from gateway.errors import StateUnavailable
 
+# Expiries are at least 1 ms: at µs times near 2^51 a double cannot hold a tiny reservation of
+# a huge budget, so the TAT may not move at all, and PX 0 is an error.
 # KEYS[1] bucket (TAT, µs of Redis's clock). ARGV[1] µs per token, ARGV[2] window µs,
 # ARGV[3] tokens. Returns {allowed 0|1, remaining tokens, ms until full (or until it fits)}.
 RESERVE = """
@@ -34,7 +36,8 @@ local over = new_tat - now - window
 if over > 0 then
   return {0, math.max(0, math.floor((window - (tat - now)) / interval)), math.ceil(over / 1000)}
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+local ttl = math.max(1, math.ceil((new_tat - now) / 1000))
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl)
 return {1, math.floor((window - (new_tat - now)) / interval), math.ceil((new_tat - now) / 1000)}
 """
 
@@ -48,7 +51,8 @@ tat = tat + tonumber(ARGV[2]) * tonumber(ARGV[1])
 if tat <= now then
   redis.call('DEL', KEYS[1])
 else
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+  local ttl = math.max(1, math.ceil((tat - now) / 1000))
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', ttl)
 end
 return 1
 """
