@@ -28,7 +28,8 @@ SLOTS = "limits: {concurrency: {slots: {capacity: 10, weights: {stream: 3, unary
 
 class WsUpstream:
     """An aiohttp WebSocket server: /echo, /stream (three messages per message), /cut (one
-    message, then the connection dropped); it records how each session ended."""
+    message, then the connection dropped), /silent (never answers), /big (answers 2 KiB);
+    it records how each session ended."""
 
     def __init__(self) -> None:
         self.closed: asyncio.Queue[tuple[int | None, float]] = asyncio.Queue()
@@ -41,6 +42,11 @@ class WsUpstream:
         self.protocols.append(ws.ws_protocol)
         try:
             async for msg in ws:
+                if request.path == "/silent":
+                    continue
+                if request.path == "/big":
+                    await ws.send_str("x" * 2048)
+                    continue
                 if request.path == "/cut":
                     await ws.send_str("partial")
                     request.transport.abort()
@@ -187,6 +193,39 @@ async def test_oversized_client_message_closes_1009(start_gateway, ws_upstream, 
         code, _ = await ws_upstream.closed.get()
     assert closed.value.rcvd.code == 1009
     assert code == 1009
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_oversized_upstream_message_closes_1009(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/big")) as ws:
+            await ws.send("x")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        await ws_upstream.closed.get()
+    assert closed.value.rcvd.code == 1009
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+@pytest.mark.parametrize(
+    ("send", "code", "condition"),
+    [(False, 1001, "idle_timeout"), (True, 1011, "first_chunk_timeout")],
+    ids=["idle-session", "unanswered-message"],
+)
+async def test_session_silence_is_bounded(
+    start_gateway, ws_upstream, client, send, code, condition
+):
+    route = WS_ROUTE.replace("idle: 5s", "idle: 300ms") + "timeouts: {first_chunk: 300ms}\n"
+    gw = await gateway(start_gateway, ws_upstream.url, route)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/silent")) as ws:
+            if send:
+                await ws.send("anyone?")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        await ws_upstream.closed.get()
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason.split(":")[0]) == (code, condition)
     await gauges_return_to_zero(client, gw, "slots")
 
 
