@@ -113,8 +113,9 @@ async def test_streaming_answers_arrive_in_order(start_gateway, ws_upstream, cli
                 await ws.send(word)
                 assert [await ws.recv() for _ in range(3)] == [f"{word}-{i}" for i in range(3)]
             async with client.get(gw.admin_url + "/admin/streams") as resp:
-                listed = await resp.text()
-            assert '"r"' in listed  # the session is listed like a stream
+                (listed,) = (await resp.json())["streams"]  # listed like a stream
+            assert (listed["route"], listed["protocol"]) == ("r", "websocket")
+            assert (listed["messages_in"], listed["chunks"]) == (2, 6)
     await gauges_return_to_zero(client, gw, "slots")
 
 

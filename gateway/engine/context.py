@@ -48,6 +48,7 @@ class RequestContext:
         "usage",
         "abort",
         "trace",
+        "protocol",
         "upstream_protocol",
         "messages_in",
         "client_closed",
@@ -91,6 +92,8 @@ class RequestContext:
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
         self.trace: RequestTrace | NullTrace = NULL_TRACE
+        self.protocol = "http"
+        """The client's protocol: "http", or "websocket" for a session."""
         self.upstream_protocol = "http"
         """Which of its pool's protocol clients a try uses ("http", "websocket")."""
         self.messages_in = 0

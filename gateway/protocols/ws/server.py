@@ -42,6 +42,7 @@ class WsServer:
             asyncio.get_running_loop().time(),
         )
         ctx.stream = True  # a session holds a stream's units for its whole life
+        ctx.protocol = "websocket"
         sink = WsSink(request, ctx)
         await self.proxy.serve(ctx, WsInbound(request, ctx, sink), sink)
         return sink.response
