@@ -27,6 +27,7 @@ from gateway.errors import ConfigErrors, Draining
 from gateway.observe.metrics import Metrics
 from gateway.protocols.http.connection import GatewayServer
 from gateway.protocols.http.server import HttpServer
+from gateway.protocols.ws.server import WsServer, is_upgrade
 
 log = logging.getLogger("streamgate")
 
@@ -64,7 +65,7 @@ class Gateway:
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
         server = GatewayServer(
-            HttpServer(self.proxy).handle,
+            _dispatch(HttpServer(self.proxy), WsServer(self.proxy)),
             lambda: self.runtime.config.server,
             self.metrics,
             handler_cancellation=True,
@@ -261,3 +262,15 @@ def serve(config_path: str) -> int:
         return 1
     _install_event_loop_policy()
     return asyncio.run(_serve(config_path, config))
+
+
+def _dispatch(http: HttpServer, ws: WsServer):
+    """WebSocket upgrades to the WebSocket adapter, everything else to HTTP; routing still
+    decides whether a route takes the session (only a route with a `websocket` block does)."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if is_upgrade(request):
+            return await ws.handle(request)
+        return await http.handle(request)
+
+    return handle

@@ -12,6 +12,7 @@ from gateway.engine.runtime import Runtime
 from gateway.observe.metrics import Metrics
 from gateway.observe.tracing import Tracing
 from gateway.protocols.http.client import HttpClient
+from gateway.protocols.ws.client import WsClient
 from gateway.upstreams.health import HealthChecker
 from gateway.upstreams.pool import http_pool
 from gateway.upstreams.workers import WorkerSupervisor
@@ -24,7 +25,7 @@ async def start_runtime(
     but only once the new runtime is whole: if any part fails to start, what was started
     is stopped and `previous` keeps everything it had."""
     pools = {
-        name: http_pool(name, upstream, metrics, HttpClient)
+        name: http_pool(name, upstream, metrics, _clients)
         for name, upstream in config.upstreams.items()
         if isinstance(upstream, HttpUpstream)
     }
@@ -57,6 +58,13 @@ async def start_runtime(
     return runtime
 
 
+def _clients(pool) -> HttpClient:
+    """A pool's protocol clients: HTTP, and WebSocket over the same session."""
+    http = HttpClient(pool)
+    pool.clients["websocket"] = WsClient(http)
+    return http
+
+
 async def _start_worker_pools(
     config: GatewayConfig,
     metrics: Metrics,
@@ -72,5 +80,5 @@ async def _start_worker_pools(
         if name in kept and kept[name].config == upstream:
             supervisors[name] = kept[name]
         else:
-            supervisors[name] = WorkerSupervisor(name, upstream, metrics, HttpClient)
+            supervisors[name] = WorkerSupervisor(name, upstream, metrics, _clients)
             await supervisors[name].start()

@@ -87,7 +87,9 @@ def explain_lines(
         lines.append("result: no route matches: the gateway answers 404")
         return lines
     lines.append(f"route: {chosen.name}")
-    lines.append(f"kind: {'stream' if stream else 'unary'}")
+    stream = stream or chosen.websocket is not None  # a session is charged as a stream
+    kind = "websocket session (charged as a stream)" if chosen.websocket else None
+    lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
     lines.extend(_limit_lines(config, chosen, stream, body))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
@@ -178,8 +180,28 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
-        _framing_line(route.framing),
+        _framing_line(route.framing) if route.websocket is None else _websocket_line(route),
     ]
+
+
+def _websocket_line(route: Route) -> str:
+    ws, t = route.websocket, route.timeouts
+    if ws.upstream == "sse":
+        end = "no end message" if ws.end_message is None else f"end message {ws.end_message!r}"
+        how = (
+            "websocket bridge to SSE: the first message is POSTed with stream: true, each "
+            f"data event goes back as a text message; at the end {end} and close 1000"
+        )
+    else:
+        how = (
+            "websocket passthrough (upstream dialled as ws://, wss://): messages, close codes "
+            f"and subprotocols relayed; an answer must start within first_chunk {t.first_chunk:g}s "
+            f"of a client message, idle {ws.idle:g}s otherwise"
+        )
+    return (
+        f"{how}; messages up to {ws.max_message_size} bytes (1009 past it); after the upgrade "
+        "a failure closes with 1011 (1013 when overloaded), never 1000"
+    )
 
 
 def _framing_line(framing: FramingConfig) -> str:

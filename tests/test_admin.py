@@ -44,7 +44,8 @@ async def test_admin_streams_lists_streams_in_flight(start_gateway, upstream, cl
         await resp.read()
     (stream,) = streams
     assert set(stream) == {
-        "id", "route", "upstream", "endpoint", "age_s", "chunks", "bytes", "buffered_chunks"
+        "id", "route", "upstream", "endpoint", "age_s", "chunks", "bytes", "buffered_chunks",
+        "protocol", "messages_in",
     }
     assert stream["id"] == resp.headers["x-request-id"]
     assert (stream["route"], stream["upstream"], stream["endpoint"]) == ("r", "up", upstream.url)

@@ -108,6 +108,8 @@ async def streams(request: web.Request) -> web.Response:
             "chunks": ctx.chunks,
             "bytes": ctx.bytes,
             "buffered_chunks": ctx.buffered_chunks,
+            "protocol": ctx.protocol,
+            "messages_in": ctx.messages_in,
         }
         for ctx in list(gateway.runtime.streams)
     ]

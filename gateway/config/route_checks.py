@@ -55,6 +55,18 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
     if route.framing.require_footer and route.framing.kind != "truss":
         message = f"only a truss framing has a footer (this route's is {route.framing.kind})"
         yield Problem(f"{path}.framing.require_footer", message)
+    if route.websocket is not None:
+        yield from _websocket(path, route)
+
+
+def _websocket(path: str, route: Route) -> Problems:
+    ws = route.websocket
+    yield from at_least(f"{path}.websocket.max_message_size", ws.max_message_size, 1)
+    yield from positive(f"{path}.websocket.idle", ws.idle, "s")
+    if route.match.model is not None:
+        # A session is routed on its upgrade request, which has no body to read a model from.
+        message = "a websocket route is chosen before any message arrives: no model to match"
+        yield Problem(f"{path}.match.model", message)
 
 
 def _route_limits(path: str, route: Route, limits: Mapping[str, object]) -> Problems:

@@ -102,6 +102,34 @@ class FramingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """A route that accepts WebSocket sessions (`Upgrade: websocket`). Such a route matches
+    only upgrade requests, and a route without this block never matches one, so no tunnel is
+    opened that a route does not allow. A session is a stream: it holds its concurrency units
+    (stream weight) for its whole life, and `timeouts.total` bounds it."""
+
+    upstream: Literal["websocket", "sse"] = "websocket"
+    """What the upstream speaks. `websocket`: the session is relayed to a WebSocket at the
+    same path on the upstream (an `http://` endpoint is dialled as `ws://`, `https://` as
+    `wss://`): text and binary messages unchanged both ways, close codes and reasons carried
+    across, subprotocols negotiated end to end; a failed handshake (connect error, 5xx) is
+    retried and falls back like any request. `sse`: a bridge to an OpenAI-style SSE endpoint:
+    the client's first message is the request body, POSTed with `"stream": true`; each SSE
+    `data:` event goes back as one text message; the stream's end (`data: [DONE]` or the body's
+    end) sends `end_message` and closes with 1000; a failure after that closes with 1011."""
+    max_message_size: Bytes = 1 * MiB
+    """Largest message either side may send; a larger one closes that side with 1009 (message
+    too big), and the other side with 1009 too."""
+    idle: Seconds = 300.0
+    """`upstream: websocket`: the longest the upstream may stay silent while no client message
+    awaits an answer (from a client message to the upstream's next one, `timeouts.first_chunk`
+    applies). Past it the session closes with 1001 (going away)."""
+    end_message: str | None = "[DONE]"
+    """`upstream: sse`: the text message sent when the SSE stream ends cleanly, before the
+    1000 close; null sends none."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     upstream: str
@@ -118,3 +146,6 @@ class Route:
     """Write `: keepalive` after this much upstream silence on a committed SSE stream."""
     framing: FramingConfig = FramingConfig()
     """What a frame of the response body is (see FramingConfig); `auto` by default."""
+    websocket: WebSocketConfig | None = None
+    """Accept WebSocket sessions on this route (see WebSocketConfig); absent: plain HTTP
+    only."""

@@ -1,5 +1,9 @@
 """The deadlines of one committed stream, kept by a single lazily re-armed timer.
 
+A two-way session (WebSocket) may rest between answers: with `idle` given, the upstream's
+silence is bounded by `idle` while nothing is asked of it, and by `first_chunk` from a client
+message (`asked`) until the upstream's next message; `chunk_gap` bounds one-way streams.
+
 `chunk_gap`, `slow_client`, `total` and `keepalive` are not a timeout object per await: the
 relay only stores when its current phase began (`since`) and whether it is reading from the
 upstream or waiting for the client, and the timer wakes at the earliest deadline to re-arm,
@@ -19,6 +23,9 @@ class StreamClock:
 
     __slots__ = (
         "reading",
+        "asked",
+        "_idle",
+        "_first_chunk",
         "since",
         "reason",
         "_loop",
@@ -32,7 +39,9 @@ class StreamClock:
         "_send_keepalive",
     )
 
-    def __init__(self, route: Route, deadline: float, send_keepalive=None) -> None:
+    def __init__(
+        self, route: Route, deadline: float, send_keepalive=None, idle: float | None = None
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self.reading = True
@@ -41,6 +50,10 @@ class StreamClock:
         self.since = self._loop.time()
         """When the current phase began."""
         self.reason: GatewayError | None = None
+        self.asked = False
+        """A session's client message awaits the upstream's next message (see `ask`)."""
+        self._idle = idle
+        self._first_chunk = route.timeouts.first_chunk
         self._chunk_gap = route.timeouts.chunk_gap
         self._slow_client = route.timeouts.slow_client
         self._deadline = deadline
@@ -55,13 +68,26 @@ class StreamClock:
             self._handle.cancel()
             self._handle = None
 
+    def ask(self) -> None:
+        """A client message went upstream: its answer must begin within `first_chunk`. The
+        relay clears `asked` on the upstream's next message."""
+        if not self.asked:
+            self.asked, self.since = True, self._loop.time()
+
+    def _silence_limit(self) -> float:
+        if self._idle is None:
+            return self._chunk_gap
+        return self._first_chunk if self.asked else self._idle
+
     def _arm(self) -> None:
         # The phase may change while the timer sleeps, to one with a shorter limit; waking at
         # least every min(limit) catches that in time, because a phase that began after this
         # arm began after `now`.
-        limit = self._chunk_gap if self.reading else self._slow_client
+        silence = self._silence_limit()
+        limit = silence if self.reading else self._slow_client
         now = self._loop.time()
-        due = min(self.since + limit, now + min(self._chunk_gap, self._slow_client), self._deadline)
+        shortest = min(self._chunk_gap, self._slow_client, self._first_chunk)
+        due = min(self.since + limit, now + shortest, self._deadline)
         if self._keepalive is not None and self.reading:
             due = min(due, max(self.since, self._keepalive_after) + self._keepalive)
         self._handle = self._loop.call_at(due, self._check)
@@ -70,9 +96,8 @@ class StreamClock:
         now = self._loop.time()
         if now >= self._deadline:
             return self.fire(UpstreamTimeout("the stream ran out of total time", "total_timeout"))
-        if self.reading and now - self.since >= self._chunk_gap:
-            silence = f"{now - self.since:.1f}s"
-            return self.fire(UpstreamTimeout(f"upstream silent for {silence}", "chunk_gap_timeout"))
+        if self.reading and now - self.since >= self._silence_limit():
+            return self.fire(self._silence(now - self.since))
         if not self.reading and now - self.since >= self._slow_client:
             return self.fire(SlowClient("the client stopped reading"))
         if (
@@ -83,6 +108,14 @@ class StreamClock:
             self._keepalive_after = now  # keepalives do not reset chunk_gap
             self._send_keepalive()
         self._arm()
+
+    def _silence(self, seconds: float) -> UpstreamTimeout:
+        if self._idle is None:
+            return UpstreamTimeout(f"upstream silent for {seconds:.1f}s", "chunk_gap_timeout")
+        if self.asked:
+            message = f"no upstream answer within {seconds:.1f}s"
+            return UpstreamTimeout(message, "first_chunk_timeout")
+        return UpstreamTimeout(f"session idle for {seconds:.1f}s", "idle_timeout")
 
     def fire(self, reason: GatewayError) -> None:
         """End the stream now with `reason` (the timer's deadlines, or draining at shutdown)."""

@@ -49,6 +49,10 @@ class RequestContext:
         "usage",
         "abort",
         "trace",
+        "protocol",
+        "upstream_protocol",
+        "messages_in",
+        "client_closed",
     )
 
     def __init__(
@@ -92,6 +96,14 @@ class RequestContext:
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
         self.trace: RequestTrace | NullTrace = NULL_TRACE
+        self.protocol = "http"
+        """The client's protocol: "http", or "websocket" for a session."""
+        self.upstream_protocol = "http"
+        """Which of its pool's protocol clients a try uses ("http", "websocket")."""
+        self.messages_in = 0
+        """Messages the client sent upstream during a two-way session."""
+        self.client_closed: tuple[int, str] | None = None
+        """A session's client closed it: (code, reason)."""
         """This request's spans; the shared no-op when tracing is off."""
 
     @property

@@ -31,6 +31,12 @@ class UpstreamResponse(Protocol):
     """Case-insensitive."""
     read: Callable[[], Awaitable[bytes]]
     """The next bytes of the body as they arrive; b"" at its end."""
+    framing: Framing | None
+    """The framing the protocol itself fixes (WebSocket: `Messages`); None lets the route's
+    framing decide."""
+    send: Callable[[bytes], Awaitable[None]] | None
+    """For a two-way exchange: send one message envelope to the upstream (waiting while its
+    connection is backed up); None for a request/response protocol."""
 
     def release(self) -> None:
         """The whole body was read: the connection may serve another request."""
@@ -124,6 +130,9 @@ class Sink(Protocol):
     buffered: Callable[[], int]
     closing: Callable[[], bool]
     """True once the client is gone."""
+    receive: Callable[[], Awaitable[bytes]] | None
+    """For a two-way exchange, once committed: the client's next message envelope (its
+    close as a CLOSE envelope), b"" once nothing more will come; None for HTTP."""
 
     async def refuse(self, err: GatewayError) -> None: ...
 

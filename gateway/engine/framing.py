@@ -21,6 +21,10 @@ one stream, three questions:
 | raw     | whatever arrives    | first bytes                | abort                    |
 | unary   | the whole body      | a complete non-empty body  | abort                    |
 | truss   | a Truss Chains tag  | first ITEM frame           | abort; truncation aborts |
+| messages| a message envelope  | the upstream's acceptance  | a close envelope (1011)  |
+
+`messages` is not a route's choice: a protocol whose upstream answers in messages (WebSocket)
+names it on its response (`UpstreamResponse.framing`), see `messages.py`.
 
 A route names its framing (`framing:`) or leaves it to `auto`, which picks by the response's
 content type and whether the request asked for a stream (`choose`).
@@ -31,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.config.routes import FramingConfig
-from gateway.engine import sse, truss
+from gateway.engine import messages, sse, truss
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
 
@@ -46,6 +50,10 @@ class Framing:
     """A frame that says nothing, written after upstream silence (SSE comments)."""
     watches_usage = False
     """Whether frames may carry an OpenAI `usage` object to count tokens from."""
+    commits_on_open = False
+    """True when the upstream accepting the exchange is itself the commit point (a WebSocket
+    handshake): nothing is read before committing, since the client must be connected before
+    it can say what it wants answered."""
 
     __slots__ = ("frames",)
 
@@ -168,6 +176,27 @@ class Truss(Framing):
             return UpstreamReset(f"the Truss stream ended inside a frame ({len(tail)} bytes)")
         if self.require_footer and not self.seen.footer:
             return UpstreamReset("the Truss stream ended without its footer")
+        return None
+
+
+class Messages(Framing):
+    """Message envelopes (`messages.py`): a frame is a message; a failure after the commit
+    point ends with a close envelope the client's protocol shows as an error close."""
+
+    name = "messages"
+    commits_on_open = True
+    __slots__ = ()
+
+    def cut(self, data: bytes) -> int:
+        end, self.frames = messages.scan(data)
+        return end
+
+    def error_frame(self, err: GatewayError, request_id: str) -> bytes | None:
+        return messages.error_close(err)
+
+    def ended(self, tail: bytes) -> GatewayError | None:
+        if tail:
+            return UpstreamReset(f"the message stream ended inside a message ({len(tail)} bytes)")
         return None
 
 

@@ -3,6 +3,8 @@
     read    the protocol reads the request (bounded) so retries can replay it
     route   first matching rule in file order (404)
     admit   rate limits, then concurrency (429 / 503); held until the last byte is written
+            (a protocol that reads its request only after accepting the connection, as a
+            WebSocket bridge reads its first message, does it here: `Inbound.admitted`)
     open    the upstream, retrying and falling back until the commit point (attempts.py)
     relay   commit the status and headers, then stream with backpressure (relay.py)
 
@@ -45,6 +47,10 @@ class Inbound(Protocol):
         """Read the request (its target, headers and body, within `server`'s bounds) into
         the context; set `route_path`."""
 
+    async def admitted(self, route: Route) -> None:
+        """The request is admitted on `route`: read what could not be read before (a
+        WebSocket session accepted early reads its first message here)."""
+
     def upstream_headers(self) -> dict:
         """The headers every try sends upstream (a fresh, mutable copy)."""
 
@@ -77,6 +83,7 @@ class Proxy:
             route = _route(runtime, ctx, inbound)
             ctx.deadline = ctx.started + route.timeouts.total
             async with runtime.admission.admit(ctx, route, inbound.headers):
+                await inbound.admitted(route)
                 headers = inbound.upstream_headers()
                 opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
                 runtime.stream_started(ctx)

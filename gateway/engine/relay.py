@@ -17,6 +17,7 @@ import asyncio
 from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.duplex import start_forwarding, stop_forwarding
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
@@ -46,6 +47,7 @@ async def relay(
         ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
     finally:
         pump.clock.stop()
+        await stop_forwarding(pump.forwarding)
         opened.finish(clean)
 
 
@@ -58,7 +60,10 @@ class _Pump:
     that slow path.
     """
 
-    __slots__ = ("sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps")
+    __slots__ = (
+        "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "forwarding",
+        "two_way",
+    )
 
     def __init__(
         self, sink: Sink, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
@@ -71,7 +76,11 @@ class _Pump:
         self.metrics = metrics
         self.gaps = metrics.chunk_gap.for_route(route.name)
         keepalive = self._keepalive if (self.framing.keepalive and route.keepalive) else None
-        self.clock = StreamClock(route, ctx.deadline, keepalive)
+        self.two_way = opened.response.send is not None and sink.receive is not None
+        idle = route.websocket.idle if self.two_way and route.websocket else None
+        self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
+        self.forwarding: asyncio.Task | None = None
+        """A two-way session's client-to-upstream half (`duplex.py`), once committed."""
         ctx.abort = self.clock.fire
 
     async def run(self) -> None:
@@ -103,6 +112,8 @@ class _Pump:
         data, tail = head[:end], head[end:]
         await sink.commit(self.opened, data)
         ctx.first_chunk_at = time()
+        if self.two_way:
+            self.forwarding = start_forwarding(sink, self.opened.response, clock, ctx)
         write, closing, buffered = sink.write, sink.closing, sink.buffered
         ctx.chunks, ctx.bytes = framing.frames, len(data)
         if watch_usage and b'"usage"' in data:
@@ -113,6 +124,7 @@ class _Pump:
                 now = time()
                 observe_gap(gaps, now - arrived)
                 arrived = clock.since = now
+                clock.asked = False  # a session's pending client message has its answer
                 if tail:
                     data = tail + data
                 end = cut(data)

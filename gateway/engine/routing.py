@@ -31,9 +31,14 @@ class RequestFacts:
     """Case-insensitive lookups (aiohttp's CIMultiDictProxy, or lower-cased keys)."""
     model: str | None
 
+    @property
+    def websocket(self) -> bool:
+        """An `Upgrade: websocket` request: only routes with a `websocket` block take it."""
+        return self.headers.get("upgrade", "").lower() == "websocket"
+
 
 class CompiledRoute:
-    __slots__ = ("index", "route", "methods", "model_re", "headers")
+    __slots__ = ("index", "route", "methods", "model_re", "headers", "websocket")
 
     def __init__(self, index: int, route: Route) -> None:
         m = route.match
@@ -42,9 +47,12 @@ class CompiledRoute:
         self.methods = frozenset(m.methods) if m.methods else None
         self.model_re = re.compile(fnmatch.translate(m.model)).match if m.model else None
         self.headers = tuple(m.headers.items())
+        self.websocket = route.websocket is not None
 
     def matches(self, facts: RequestFacts) -> bool:
         """Every field but the path (the index has checked that)."""
+        if self.websocket != facts.websocket:
+            return False
         if self.methods is not None and facts.method not in self.methods:
             return False
         for name, value in self.headers:
@@ -61,6 +69,10 @@ class CompiledRoute:
             return f"path {facts.path!r} is not {m.path!r}"
         if m.path_prefix is not None and not facts.path.startswith(m.path_prefix):
             return f"path {facts.path!r} does not start with {m.path_prefix!r}"
+        if self.websocket != facts.websocket:
+            if self.websocket:
+                return "a WebSocket route, and this is no Upgrade: websocket request"
+            return "an Upgrade: websocket request, and this route has no websocket block"
         if self.methods is not None and facts.method not in self.methods:
             return f"method {facts.method} is not one of {', '.join(sorted(self.methods))}"
         for name, value in self.headers:

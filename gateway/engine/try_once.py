@@ -36,7 +36,7 @@ async def try_once(
     except PoolExhausted as exc:
         condition = ("pool_exhausted",)
         raise AttemptFailed(exc, condition, retry_after=exc.retry_after, ejects=False) from None
-    client = pool.client
+    client = pool.clients[ctx.upstream_protocol]
     response = None
     reused = False
     try:

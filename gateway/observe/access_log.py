@@ -34,6 +34,8 @@ class AccessLog:
             "duration_s": round(now - ctx.started, 6),
             "chunks": ctx.chunks,
             "bytes": ctx.bytes,
+            "protocol": ctx.protocol,
+            "messages_in": ctx.messages_in,
             "outcome": ctx.outcome,
             "error": ctx.error_kind,
         }

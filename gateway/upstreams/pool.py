@@ -59,9 +59,13 @@ class UpstreamPool:
         self.headers = tuple(config.headers.items())
         self._policy = POLICIES[config.balance]
         self._turn = itertools.count()
+        self.clients: dict[str, Any] = {}
+        """Every protocol client the upstream is reached with, by protocol ("http",
+        "websocket"); a client factory may add the ones that share its connections."""
         self.client = client(self) if client is not None else None
         """The protocol adapter's client for this upstream (an engine UpstreamClient: it
         sends each try and owns the connections)."""
+        self.clients.setdefault("http", self.client)
         self._metrics = metrics
         self.outliers = OutlierDetector(
             name,

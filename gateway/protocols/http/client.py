@@ -30,6 +30,8 @@ class HttpResponse:
     chunk costs no wrapper call."""
 
     __slots__ = ("status", "headers", "read", "_response")
+    framing = None  # the route's framing decides
+    send = None  # request/response: nothing goes upstream once the request is sent
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status = response.status

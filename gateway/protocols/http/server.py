@@ -87,6 +87,9 @@ class HttpInbound:
         if not ctx.stream and "text/event-stream" in request.headers.get("accept", ""):
             ctx.stream = True
 
+    async def admitted(self, route) -> None:
+        """Everything was read before routing."""
+
     def upstream_headers(self):
         request, ctx = self.request, self.ctx
         return upstream_request_headers(

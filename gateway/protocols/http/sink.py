@@ -21,6 +21,7 @@ from gateway.protocols.http.headers import add_rate_limit_headers, client_respon
 
 class HttpSink:
     __slots__ = ("request", "ctx", "response", "transport", "write", "buffered", "closing")
+    receive = None  # HTTP/1.1 is one request, one answer: nothing more comes from the client
 
     def __init__(self, request: web.BaseRequest, ctx: RequestContext) -> None:
         self.request = request

@@ -1,0 +1,83 @@
+"""A body of messages: how a message-based protocol (WebSocket) passes through the engine.
+
+The engine moves bytes and cuts them into frames; a protocol whose unit is a message with a
+type (text, binary) and an end (a close with a code and a reason) hands it over as one
+envelope per message, so the relay, the clock and the buffer work on it unchanged:
+
+    kind (1 byte: TEXT, BINARY or CLOSE, the WebSocket opcodes) | length (4 bytes, big-endian)
+    | payload (a CLOSE payload is a 2-byte code and a UTF-8 reason, as on the wire)
+
+An envelope is written whole by the adapter that reads it and read whole by the one that
+writes it; `scan` finds where the last whole one ends.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from gateway.errors import GatewayError, Overloaded
+
+TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
+_HEAD = struct.Struct(">BI")
+HEAD_SIZE = _HEAD.size
+
+NORMAL, GOING_AWAY, TOO_BIG, INTERNAL_ERROR, TRY_AGAIN_LATER = 1000, 1001, 1009, 1011, 1013
+_MAX_REASON = 123
+"""A close frame's payload is at most 125 bytes: the code and this much reason."""
+
+
+def envelope(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(kind, len(payload)) + payload
+
+
+def close_envelope(code: int, reason: str) -> bytes:
+    return envelope(CLOSE, struct.pack(">H", code) + _clip(reason))
+
+
+def close_of(payload: bytes) -> tuple[int, str]:
+    """A CLOSE envelope's (code, reason); a close without a code is a normal one."""
+    if len(payload) < 2:
+        return NORMAL, ""
+    return struct.unpack(">H", payload[:2])[0], payload[2:].decode("utf-8", "replace")
+
+
+def scan(data: bytes) -> tuple[int, int]:
+    """(where the last whole envelope in `data` ends, how many whole envelopes precede it)."""
+    at, count, size = 0, 0, len(data)
+    while size - at >= HEAD_SIZE:
+        _, length = _HEAD.unpack_from(data, at)
+        end = at + HEAD_SIZE + length
+        if end > size:
+            break
+        at, count = end, count + 1
+    return at, count
+
+
+def split(data: bytes):
+    """Each whole envelope in `data` as (kind, payload)."""
+    at, size = 0, len(data)
+    while size - at >= HEAD_SIZE:
+        kind, length = _HEAD.unpack_from(data, at)
+        start = at + HEAD_SIZE
+        yield kind, data[start : start + length]
+        at = start + length
+
+
+def error_close(err: GatewayError) -> bytes:
+    """How a session that fails after its commit point ends: never a clean 1000. Overload
+    asks the client to come back later (1013); an idle session is going away (1001);
+    anything else is the server's error (1011). The reason says what happened."""
+    if isinstance(err, Overloaded):
+        code = TRY_AGAIN_LATER
+    elif err.condition == "idle_timeout":
+        code = GOING_AWAY
+    else:
+        code = INTERNAL_ERROR
+    return close_envelope(code, f"{err.condition}: {err.message}")
+
+
+def _clip(reason: str) -> bytes:
+    raw = reason.encode()
+    if len(raw) <= _MAX_REASON:
+        return raw
+    return raw[:_MAX_REASON].decode("utf-8", "ignore").encode()  # never cut inside a character

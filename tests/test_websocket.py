@@ -1,0 +1,290 @@
+"""WebSocket sessions through the gateway, over real sockets: the real `websockets` client on
+the client side, a real aiohttp WebSocket server (or the scripted SSE upstream) upstream.
+
+Every wait is on an event, with a bound; a session must never end with a clean 1000 after
+the upstream failed, and its concurrency units must come back however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import websockets
+from aiohttp import WSMsgType, web
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import config_yaml, http_upstream
+from tests.support.scripted_upstream import Respond
+from tests.test_admission import gauges_return_to_zero
+
+WS_ROUTE = """\
+websocket: {max_message_size: 1KiB, idle: 5s}
+limits: [slots]
+"""
+SLOTS = "limits: {concurrency: {slots: {capacity: 10, weights: {stream: 3, unary: 1}}}}\n"
+
+
+class WsUpstream:
+    """An aiohttp WebSocket server: /echo, /stream (three messages per message), /cut (one
+    message, then the connection dropped), /silent (never answers), /big (answers 2 KiB);
+    it records how each session ended."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Queue[tuple[int | None, float]] = asyncio.Queue()
+        self.protocols: list[str | None] = []
+        self.url = ""
+
+    async def session(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("chat.v2",))
+        await ws.prepare(request)
+        self.protocols.append(ws.ws_protocol)
+        try:
+            async for msg in ws:
+                if request.path == "/silent":
+                    continue
+                if request.path == "/big":
+                    await ws.send_str("x" * 2048)
+                    continue
+                if request.path == "/cut":
+                    await ws.send_str("partial")
+                    request.transport.abort()
+                    break
+                times = 3 if request.path == "/stream" else 1
+                for i in range(times):
+                    if msg.type is WSMsgType.TEXT:
+                        await ws.send_str(msg.data if times == 1 else f"{msg.data}-{i}")
+                    else:
+                        await ws.send_bytes(msg.data)
+        finally:  # also when the connection drops and the handler is cancelled
+            self.closed.put_nowait((ws.close_code, time.monotonic()))
+        return ws
+
+    async def __aenter__(self) -> WsUpstream:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self.session)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self.runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.fixture
+async def ws_upstream():
+    async with WsUpstream() as up:
+        yield up
+
+
+def ws_url(gw, path: str) -> str:
+    return gw.url.replace("http://", "ws://") + path
+
+
+async def gateway(start_gateway, url: str, route: str = WS_ROUTE, **kw):
+    return await start_gateway(config_yaml(url, route=route, top=SLOTS, **kw))
+
+
+async def test_echo_relays_text_and_binary_unchanged(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/echo"), subprotocols=["chat.v2"]) as ws:
+            assert ws.subprotocol == "chat.v2"  # negotiated with the upstream, end to end
+            await ws.send("héllo")
+            assert await ws.recv() == "héllo"
+            await ws.send(b"\x00\xffbin")
+            assert await ws.recv() == b"\x00\xffbin"
+    assert ws_upstream.protocols == ["chat.v2"]
+    code, _ = await asyncio.wait_for(ws_upstream.closed.get(), 2)
+    assert code == 1000  # the client's close carried across
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_streaming_answers_arrive_in_order(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/stream")) as ws:
+            for word in ("a", "b"):
+                await ws.send(word)
+                assert [await ws.recv() for _ in range(3)] == [f"{word}-{i}" for i in range(3)]
+            async with client.get(gw.admin_url + "/admin/streams") as resp:
+                (listed,) = (await resp.json())["streams"]  # listed like a stream
+            assert (listed["route"], listed["protocol"]) == ("r", "websocket")
+            assert (listed["messages_in"], listed["chunks"]) == (2, 6)
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_failed_handshake_falls_back(start_gateway, ws_upstream, upstream, client):
+    upstream.script(Respond(status=503, body=b"busy"))
+    route = WS_ROUTE + "fallbacks: [good]\nretry: {attempts: 1}\n"
+    gw = await gateway(
+        start_gateway, upstream.url, route, extra_upstreams=http_upstream("good", ws_upstream.url)
+    )
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/echo")) as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+    assert len(upstream.requests) == 1
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_refused_everywhere_is_an_http_error(start_gateway, upstream, client):
+    upstream.script(Respond(status=503, body=b"busy"), Respond(status=503, body=b"busy"))
+    gw = await gateway(start_gateway, upstream.url, WS_ROUTE + "retry: {attempts: 2}\n")
+    with pytest.raises(InvalidStatus) as refused:
+        async with asyncio.timeout(5):
+            await websockets.connect(ws_url(gw, "/echo"))
+    assert refused.value.response.status_code == 503
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_upstream_cut_mid_session_closes_1011(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/cut")) as ws:
+            await ws.send("go")
+            assert await ws.recv() == "partial"
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+    assert closed.value.rcvd.code == 1011  # never a clean 1000
+    assert "reset" in closed.value.rcvd.reason
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_client_close_closes_the_upstream_at_once(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        ws = await websockets.connect(ws_url(gw, "/echo"))
+        await ws.send("x")
+        await ws.recv()
+        started = time.monotonic()
+        await ws.close(code=4001, reason="bye")
+        code, at = await ws_upstream.closed.get()
+    assert code == 4001  # the client's own code, carried across
+    assert at - started < 0.5
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_client_vanishing_closes_the_upstream(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        ws = await websockets.connect(ws_url(gw, "/echo"))
+        await ws.send("x")
+        await ws.recv()
+        started = time.monotonic()
+        ws.transport.abort()  # no close frame: the TCP connection just goes
+        _, at = await ws_upstream.closed.get()
+    assert at - started < 0.5
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+@pytest.mark.parametrize("size", [2048], ids=["over-1KiB"])
+async def test_oversized_client_message_closes_1009(start_gateway, ws_upstream, client, size):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/echo")) as ws:
+            await ws.send("x" * size)
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        code, _ = await ws_upstream.closed.get()
+    assert closed.value.rcvd.code == 1009
+    assert code == 1009
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_oversized_upstream_message_closes_1009(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/big")) as ws:
+            await ws.send("x")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        await ws_upstream.closed.get()
+    assert closed.value.rcvd.code == 1009
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+@pytest.mark.parametrize(
+    ("send", "code", "condition"),
+    [(False, 1001, "idle_timeout"), (True, 1011, "first_chunk_timeout")],
+    ids=["idle-session", "unanswered-message"],
+)
+async def test_session_silence_is_bounded(
+    start_gateway, ws_upstream, client, send, code, condition
+):
+    route = WS_ROUTE.replace("idle: 5s", "idle: 300ms") + "timeouts: {first_chunk: 300ms}\n"
+    gw = await gateway(start_gateway, ws_upstream.url, route)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/silent")) as ws:
+            if send:
+                await ws.send("anyone?")
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        await ws_upstream.closed.get()
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason.split(":")[0]) == (code, condition)
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_plain_route_refuses_an_upgrade(start_gateway, ws_upstream, client):
+    gw = await start_gateway(config_yaml(ws_upstream.url))
+    with pytest.raises(InvalidStatus) as refused:
+        async with asyncio.timeout(5):
+            await websockets.connect(ws_url(gw, "/echo"))
+    assert refused.value.response.status_code == 404
+    assert ws_upstream.protocols == []  # no tunnel was opened
+
+
+async def messages_until_closed(ws) -> list:
+    got = []
+    while True:
+        try:
+            got.append(await ws.recv())
+        except ConnectionClosed:
+            return got
+
+
+def sse(*events: str) -> list[bytes]:
+    return [f"data: {e}\n\n".encode() for e in events]
+
+
+BRIDGE = "websocket: {upstream: sse}\nlimits: [slots]\n"
+
+
+async def test_bridge_streams_sse_events_as_messages(start_gateway, upstream, client):
+    chunks = [json.dumps({"choices": [{"delta": {"content": t}}]}) for t in ("a", "b")]
+    upstream.script(
+        Respond(headers={"Content-Type": "text/event-stream"}, chunks=sse(*chunks, "[DONE]"))
+    )
+    gw = await gateway(start_gateway, upstream.url, BRIDGE)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/v1/chat/completions")) as ws:
+            await ws.send(json.dumps({"model": "m", "messages": []}))
+            got = await messages_until_closed(ws)
+            assert ws.close_code == 1000
+    assert got == [*chunks, "[DONE]"]
+    sent = upstream.requests[0]
+    assert (sent.method, sent.json()["stream"]) == ("POST", True)
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_bridge_cut_after_commit_closes_1011(start_gateway, upstream, client):
+    from tests.support.scripted_upstream import Reset
+
+    first = json.dumps({"choices": [{"delta": {"content": "a"}}]})
+    upstream.script(
+        Respond(headers={"Content-Type": "text/event-stream"}, chunks=[*sse(first), Reset()])
+    )
+    gw = await gateway(start_gateway, upstream.url, BRIDGE)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/v1/chat/completions")) as ws:
+            await ws.send(json.dumps({"model": "m"}))
+            got = await messages_until_closed(ws)
+            assert ws.close_code == 1011
+    assert got[0] == first
+    assert "error" in got[-1]  # the error event's data, as a last message
+    await gauges_return_to_zero(client, gw, "slots")
