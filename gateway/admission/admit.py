@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Hashable, Mapping
 from typing import NamedTuple, Protocol
 
 from gateway.admission import budgets
-from gateway.admission.ratelimit import LocalRateLimiter, RateLimiter, Taken
+from gateway.admission.ratelimit import LocalRateLimiter, RateLimiter, Taken, carried_over
 from gateway.admission.redis_ratelimit import RedisRateLimiter
 from gateway.admission.redis_semaphore import GlobalSemaphore
 from gateway.admission.redis_state import RedisState
@@ -96,16 +96,9 @@ class Admission:
                 semaphores[name] = old
             else:
                 semaphores[name] = _semaphore(name, limit, backend, metrics)
-        rate_limiters: dict[str, RateLimiter] = {}
-        for name, limit in config.limits.rate.items():
-            backend = state if limit.scope == "global" else None
-            old = old_rates.get(name)
-            if old is not None and old.backend is backend and old.config == limit:
-                rate_limiters[name] = old
-            elif backend is None:
-                rate_limiters[name] = LocalRateLimiter(name, limit)
-            else:
-                rate_limiters[name] = RedisRateLimiter(name, limit, backend)
+        rate_limiters = carried_over(
+            config.limits.rate, state, old_rates, LocalRateLimiter, RedisRateLimiter
+        )
         old_tokens = previous.token_limiters if previous is not None else {}
         tokens = budgets.token_limiters(config.limits, state, old_tokens)
         return cls(config, semaphores, rate_limiters, metrics, state, tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
+from gateway.admission.ratelimit import carried_over
 from gateway.admission.redis_state import RedisState
 from gateway.admission.redis_tokens import RedisTokenBudget
 from gateway.admission.tokens import (
@@ -44,17 +45,7 @@ def token_limiters(
     limits: LimitsConfig, state: RedisState | None, previous: Mapping[str, TokenLimiter]
 ) -> dict[str, TokenLimiter]:
     """The budgets of `limits`; one whose config and backend are unchanged keeps its buckets."""
-    built: dict[str, TokenLimiter] = {}
-    for name, budget in limits.tokens.items():
-        backend = state if budget.scope == "global" else None
-        old = previous.get(name)
-        if old is not None and old.backend is backend and old.config == budget:
-            built[name] = old
-        elif backend is None:
-            built[name] = LocalTokenBudget(name, budget)
-        else:
-            built[name] = RedisTokenBudget(name, budget, backend)
-    return built
+    return carried_over(limits.tokens, state, previous, LocalTokenBudget, RedisTokenBudget)
 
 
 async def reserve(

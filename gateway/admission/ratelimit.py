@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiolimiter import AsyncLimiter
 from multidict import CIMultiDictProxy
@@ -120,3 +120,26 @@ class LocalRateLimiter:
 def _refund(bucket: AsyncLimiter) -> None:
     # aiolimiter has no public way to give capacity back; its level is the bucket's fill.
     bucket._level = max(0.0, bucket._level - 1)
+
+
+def carried_over(
+    configs: Mapping[str, Any],
+    state: Any,
+    previous: Mapping[str, Any],
+    local: Callable[[str, Any], Any],
+    shared: Callable[[str, Any, Any], Any],
+) -> dict[str, Any]:
+    """One limiter per config (rate limits and token budgets alike): one whose config and
+    backend are unchanged keeps its buckets across a reload; any other is built afresh, in
+    this process (`local`) or shared through Redis (`shared`) as its scope says."""
+    built = {}
+    for name, config in configs.items():
+        backend = state if config.scope == "global" else None
+        old = previous.get(name)
+        if old is not None and old.backend is backend and old.config == config:
+            built[name] = old
+        elif backend is None:
+            built[name] = local(name, config)
+        else:
+            built[name] = shared(name, config, backend)
+    return built

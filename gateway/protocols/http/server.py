@@ -26,18 +26,23 @@ from gateway.protocols.http.sink import HttpSink
 from gateway.protocols.http.target import parse_target
 
 
+def request_context(request: web.BaseRequest) -> RequestContext:
+    """The engine's context for an aiohttp request (a plain one or a WebSocket upgrade)."""
+    return RequestContext(
+        request_id_from(request.headers.get("x-request-id")),
+        request.method,
+        request.raw_path,
+        request.remote or "",
+        asyncio.get_running_loop().time(),
+    )
+
+
 class HttpServer:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ctx = RequestContext(
-            request_id_from(request.headers.get("x-request-id")),
-            request.method,
-            request.raw_path,
-            request.remote or "",
-            asyncio.get_running_loop().time(),
-        )
+        ctx = request_context(request)
         sink = HttpSink(request, ctx)
         await self.proxy.serve(ctx, HttpInbound(request, ctx), sink)
         return sink.response

@@ -16,10 +16,11 @@ from aiohttp import WSMsgType, web
 
 from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
-from gateway.engine.context import RequestContext, request_id_from
+from gateway.engine.context import RequestContext
 from gateway.engine.pipeline import Proxy
 from gateway.errors import BadRequest, RequestTimeout
 from gateway.protocols.http.headers import upstream_request_headers
+from gateway.protocols.http.server import request_context
 from gateway.protocols.http.target import parse_target
 from gateway.protocols.ws.client import MAX_MESSAGE
 from gateway.protocols.ws.sink import WsSink
@@ -34,13 +35,7 @@ class WsServer:
         self.proxy = proxy
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ctx = RequestContext(
-            request_id_from(request.headers.get("x-request-id")),
-            request.method,
-            request.raw_path,
-            request.remote or "",
-            asyncio.get_running_loop().time(),
-        )
+        ctx = request_context(request)
         ctx.stream = True  # a session holds a stream's units for its whole life
         ctx.protocol = "websocket"
         sink = WsSink(request, ctx)
