@@ -37,6 +37,13 @@ class UpstreamResponse(Protocol):
     send: Callable[[bytes], Awaitable[None]] | None
     """For a two-way exchange: send one message envelope to the upstream (waiting while its
     connection is backed up); None for a request/response protocol."""
+    stream: Callable[[Callable[[bytes], bool]], Awaitable[bool]] | None
+    """Push mode, where the protocol offers it (None: the engine pulls with `read`).
+    `await stream(on_data)` hands each body chunk to `on_data` as it arrives, from the
+    protocol's own receive callback, with no await per chunk; it returns True at the body's
+    end, or False as soon as `on_data` answered True (hold: the upstream is paused and nothing
+    more is handed over until the next call). It raises what `read` would, and whatever
+    `on_data` raised."""
 
     def release(self) -> None:
         """The whole body was read: the connection may serve another request."""

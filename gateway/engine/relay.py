@@ -13,6 +13,7 @@ backend and memory per stream stays bounded. Deadlines are the `StreamClock`'s.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
@@ -55,14 +56,15 @@ class _Pump:
     """Moves one committed body from the upstream to the sink.
 
     Only whole frames are written (the framing's `cut`), so an error frame never lands inside
-    another. The only await per chunk is the upstream read: writes never wait unless the sink
-    holds more than the route's buffer (`_hold_back`), and the clock's phase only changes in
-    that slow path.
+    another. Each chunk goes through one synchronous step (`_feeder`), pushed by the upstream's
+    protocol where it can (`UpstreamResponse.stream`: no await per chunk at all), else pulled
+    with one await per read. Writes never wait unless the sink holds more than the route's
+    buffer (`_hold_back`), and the clock's phase only changes in that slow path.
     """
 
     __slots__ = (
         "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "forwarding",
-        "two_way",
+        "two_way", "tail", "usage_frames",
     )
 
     def __init__(
@@ -81,6 +83,10 @@ class _Pump:
         self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
         self.forwarding: asyncio.Task | None = None
         """A two-way session's client-to-upstream half (`duplex.py`), once committed."""
+        self.tail = b""
+        """Bytes after the last whole frame, held until their frame is whole."""
+        self.usage_frames = b""
+        """The last frames that mentioned `usage`."""
         ctx.abort = self.clock.fire
 
     async def run(self) -> None:
@@ -101,71 +107,89 @@ class _Pump:
 
     async def _pump(self) -> None:
         ctx, clock, sink, framing = self.ctx, self.clock, self.sink, self.framing
-        cut = framing.cut
-        read = self.opened.response.read
-        time = clock._loop.time
-        gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
-        watch_usage = framing.watches_usage
-        usage_frames = b""
+        response = self.opened.response
         head = self.opened.head
-        end = cut(head)
-        data, tail = head[:end], head[end:]
+        end = self.framing.cut(head)
+        data, self.tail = head[:end], head[end:]
         await sink.commit(self.opened, data)
-        ctx.first_chunk_at = time()
+        ctx.first_chunk_at = clock.since = clock._loop.time()
         if self.two_way:
-            self.forwarding = start_forwarding(sink, self.opened.response, clock, ctx)
-        write, closing, buffered = sink.write, sink.closing, sink.buffered
+            self.forwarding = start_forwarding(sink, response, clock, ctx)
         ctx.chunks, ctx.bytes = framing.frames, len(data)
-        if watch_usage and b'"usage"' in data:
-            usage_frames = data
-        arrived = clock.since = time()
+        if framing.watches_usage and b'"usage"' in data:
+            self.usage_frames = data
+        feed = self._feeder()
         try:
-            while data := await read():
-                now = time()
-                observe_gap(gaps, now - arrived)
-                arrived = clock.since = now
-                clock.asked = False  # a session's pending client message has its answer
-                if tail:
-                    data = tail + data
-                end = cut(data)
-                if end < len(data):
-                    if not end:
-                        tail = data
-                        continue
-                    data, tail = data[:end], data[end:]
-                else:
-                    tail = b""
-                if closing():
-                    raise ConnectionResetError("the client went away")
-                write(data)
-                ctx.chunks += framing.frames
-                ctx.bytes += len(data)
-                if watch_usage and b'"usage"' in data:
-                    usage_frames = data
-                if buffered():
+            if response.stream is not None:  # pushed: no await per chunk
+                while not await response.stream(feed):
                     await self._hold_back()
-                elif ctx.buffered_chunks:
-                    ctx.buffered_chunks = 0
+            else:
+                read = response.read
+                while data := await read():
+                    if feed(data):
+                        await self._hold_back()
         finally:
             # On every exit (a cut stream, a client gone) so token budgets settle to the
             # usage seen so far; parsed once here, not per chunk.
-            if usage_frames:
-                ctx.usage = framing.usage(usage_frames)
-        truncated = framing.ended(tail)
+            if self.usage_frames:
+                ctx.usage = framing.usage(self.usage_frames)
+        truncated = framing.ended(self.tail)
         if truncated is not None:
             raise truncated
-        await sink.finish(tail)  # an SSE tail is relayed as sent: nothing is invented
-        ctx.bytes += len(tail)
+        await sink.finish(self.tail)  # an SSE tail is relayed as sent: nothing is invented
+        ctx.bytes += len(self.tail)
+
+    def _feeder(self) -> Callable[[bytes], bool]:
+        """The per-chunk step, as one closure over what it needs: time the gap, cut whole
+        frames, write them. True when the sink holds more than the route's buffer, so reading
+        must stop until the client has drained it (`_hold_back`)."""
+        ctx, clock, framing, pump = self.ctx, self.clock, self.framing, self
+        cut, time = framing.cut, clock._loop.time
+        write, closing, buffered = self.sink.write, self.sink.closing, self.sink.buffered
+        gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
+        watch_usage = framing.watches_usage
+        max_chunks, max_bytes = self.route.buffer.chunks, self.route.buffer.bytes
+
+        arrived = clock.since
+
+        def feed(data: bytes) -> bool:
+            nonlocal arrived
+            now = time()
+            observe_gap(gaps, now - arrived)
+            arrived = clock.since = now
+            clock.asked = False  # a session's pending client message has its answer
+            tail = pump.tail
+            if tail:
+                data = tail + data
+            end = cut(data)
+            if end < len(data):
+                pump.tail = data[end:]
+                if not end:
+                    return False
+                data = data[:end]
+            elif tail:
+                pump.tail = b""
+            if closing():
+                raise ConnectionResetError("the client went away")
+            write(data)
+            ctx.chunks += framing.frames
+            ctx.bytes += len(data)
+            if watch_usage and b'"usage"' in data:
+                pump.usage_frames = data
+            if buffered():
+                ctx.buffered_chunks += 1
+                return ctx.buffered_chunks >= max_chunks or buffered() >= max_bytes
+            if ctx.buffered_chunks:
+                ctx.buffered_chunks = 0
+            return False
+
+        return feed
 
     async def _hold_back(self) -> None:
-        """The sink has bytes waiting: count the chunk, and past the route's buffer stop
-        reading from the upstream until the client has drained it all."""
-        ctx, buffer = self.ctx, self.route.buffer
-        ctx.buffered_chunks += 1
-        if ctx.buffered_chunks < buffer.chunks and self.sink.buffered() < buffer.bytes:
-            return
+        """The sink holds more than the route's buffer: stop reading from the upstream until
+        the client has drained it all."""
         self.metrics.backpressure_stalls.labels(self.route.name).inc()
-        clock = self.clock
+        ctx, clock = self.ctx, self.clock
         clock.reading, clock.since = False, clock._loop.time()  # slow_client applies
         await self.sink.drain()
         clock.reading, clock.since = True, clock._loop.time()

@@ -1,7 +1,10 @@
-"""The HTTP/1.1 upstream client: one request per try, over one aiohttp session per pool.
+"""The HTTP/1.1 upstream client: one request per try.
 
-This is where aiohttp's client exceptions meet the engine: a connection that cannot be made
-becomes `UpstreamConnectError` here, and `broken` names the exceptions that mean a dropped
+Plain http:// endpoints go through the lean client (`plain_client.py`: an asyncio Protocol with
+a C parser, its own keep-alive pool, body chunks pushed to the engine). https:// endpoints go
+through one aiohttp session per pool, which also serves the pool's WebSocket client and health
+probes. This is where aiohttp's client exceptions meet the engine: a connection that cannot be
+made becomes `UpstreamConnectError` here, and `broken` names the exceptions that mean a dropped
 exchange (the engine's condition `reset`). The session's connector tells the engine, through
 `on_sent`, when the request goes out and whether on a kept-alive connection.
 """
@@ -16,6 +19,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError
+from gateway.protocols.http.plain_client import PlainClient
 from gateway.upstreams.endpoint import Endpoint
 from gateway.upstreams.pool import UpstreamPool
 
@@ -32,6 +36,7 @@ class HttpResponse:
     __slots__ = ("status", "headers", "read", "_response")
     framing = None  # the route's framing decides
     send = None  # request/response: nothing goes upstream once the request is sent
+    stream = None  # the engine pulls with `read`
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status = response.status
@@ -49,11 +54,12 @@ class HttpResponse:
 class HttpClient:
     """A pool's upstream side over HTTP/1.1."""
 
-    broken = (aiohttp.ClientError, ConnectionError)
+    broken = (aiohttp.ClientError, ConnectionError)  # the lean client's UpstreamBroken too
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.session: aiohttp.ClientSession | None = None
+        self.plain = PlainClient(pool.name, pool.headers)
 
     async def start(self) -> None:
         connector = _Connector(
@@ -74,6 +80,7 @@ class HttpClient:
         self.session._retry_connection = False
 
     async def close(self) -> None:
+        self.plain.close()
         if self.session is not None:
             await self.session.close()
 
@@ -85,7 +92,9 @@ class HttpClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
-    ) -> HttpResponse:
+    ):
+        if url.startswith("http://"):
+            return await self.plain.send(method, url, body, headers, connect_timeout, on_sent)
         pool = self.pool
         assert self.session is not None
         sent = REQUEST_SENT.set(on_sent)
@@ -109,6 +118,8 @@ class HttpClient:
         return HttpResponse(response)
 
     def drop_idle(self, endpoint: Endpoint) -> None:
+        if endpoint.url.startswith("http://"):
+            self.plain.drop_idle(endpoint.url)
         if self.session is not None and isinstance(self.session.connector, _Connector):
             url = URL(endpoint.url)
             self.session.connector.drop_idle(url.host, url.port)

@@ -93,6 +93,7 @@ class _Refused:
 
     framing = None
     send = None
+    stream = None
 
     def __init__(self, status: int, headers) -> None:
         self.status, self.headers = status, headers
@@ -111,6 +112,7 @@ class WsResponse:
     """An open upstream WebSocket as the engine reads it: one envelope per message."""
 
     status = 101
+    stream = None  # pulled: one message envelope per read
     __slots__ = ("ws", "headers", "framing", "_ended", "_we_closed")
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
