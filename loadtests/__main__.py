@@ -4,6 +4,7 @@
     python -m loadtests --quick            # tiny sizes, under a minute → a temp dir
     python -m loadtests --only ttfc disconnect
     python -m loadtests --profile          # py-spy profile of the gateway under load
+    python -m loadtests --instructions     # instructions per chunk and per stream (callgrind)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "baseline commit), to compare before and after a change")
     parser.add_argument("--profile", action="store_true",
                         help="instead: profile the gateway with py-spy under load")
+    parser.add_argument("--instructions", action="store_true",
+                        help="instead: count the gateway's instructions per chunk and per "
+                        "stream under valgrind's callgrind (independent of the machine's load)")
     return parser
 
 
@@ -83,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return runner.run(_stoppable(profile(sizes, out / "profile", pin=not args.no_pin,
                                                  gateway_source=args.gateway_src)))
+        if args.instructions:
+            from .instructions import instructions
+
+            return runner.run(_stoppable(instructions(sizes, args.gateway_src)))
         from .runner import run
 
         results = runner.run(_stoppable(run(sizes, args.only or list(SCENARIOS), out,

@@ -13,6 +13,7 @@ backend and memory per stream stays bounded. Deadlines are the `StreamClock`'s.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Callable
 
 from gateway.config.routes import Route
@@ -22,7 +23,10 @@ from gateway.engine.duplex import start_forwarding, stop_forwarding
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
-from gateway.observe.metrics import ChunkGapHistogram, Metrics
+from gateway.observe.metrics import GAP_BOUNDS, Metrics
+
+USAGE_KEY = b'"usage"'
+"""Frames that mention it may carry an OpenAI `usage` object (token counts)."""
 
 
 async def relay(
@@ -116,7 +120,7 @@ class _Pump:
         if self.two_way:
             self.forwarding = start_forwarding(sink, response, clock, ctx)
         ctx.chunks, ctx.bytes = framing.frames, len(data)
-        if framing.watches_usage and b'"usage"' in data:
+        if framing.watches_usage and data.partition(USAGE_KEY)[1]:
             self.usage_frames = data
         feed = self._feeder()
         try:
@@ -126,6 +130,7 @@ class _Pump:
             else:
                 read = response.read
                 while data := await read():
+                    clock.asked = False  # a session's pending client message has its answer
                     if feed(data):
                         await self._hold_back()
         finally:
@@ -140,24 +145,26 @@ class _Pump:
         ctx.bytes += len(self.tail)
 
     def _feeder(self) -> Callable[[bytes], bool]:
-        """The per-chunk step, as one closure over what it needs: time the gap, cut whole
+        """The per-chunk step, as one closure over what it needs: count the gap, cut whole
         frames, write them. True when the sink holds more than the route's buffer, so reading
-        must stop until the client has drained it (`_hold_back`)."""
+        must stop until the client has drained it (`_hold_back`). Every operation here is paid
+        per chunk: bound methods are looked up once, and bytes are searched with `partition`
+        (`in` on bytes first tries the needle as an integer and raises inside)."""
         ctx, clock, framing, pump = self.ctx, self.clock, self.framing, self
         cut, time = framing.cut, clock._loop.time
         write, closing, buffered = self.sink.write, self.sink.closing, self.sink.buffered
-        gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
+        gaps = self.gaps
         watch_usage = framing.watches_usage
         max_chunks, max_bytes = self.route.buffer.chunks, self.route.buffer.bytes
-
         arrived = clock.since
 
         def feed(data: bytes) -> bool:
             nonlocal arrived
             now = time()
-            observe_gap(gaps, now - arrived)
+            gap = now - arrived
+            gaps[bisect_left(GAP_BOUNDS, gap)] += 1
+            gaps[-1] += gap
             arrived = clock.since = now
-            clock.asked = False  # a session's pending client message has its answer
             tail = pump.tail
             if tail:
                 data = tail + data
@@ -174,7 +181,7 @@ class _Pump:
             write(data)
             ctx.chunks += framing.frames
             ctx.bytes += len(data)
-            if watch_usage and b'"usage"' in data:
+            if watch_usage and data.partition(USAGE_KEY)[1]:
                 pump.usage_frames = data
             if buffered():
                 ctx.buffered_chunks += 1

@@ -13,7 +13,6 @@ Cost on the hot path is kept near zero:
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -30,6 +29,8 @@ NO_NAME = "none"
 # Buckets for LLM traffic: first chunks in milliseconds to a minute, streams up to half an hour.
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+GAP_BOUNDS = tuple(float(b) for b in CHUNK_GAP_BUCKETS)
+"""The same, all floats: a float compared with a float is the cheapest comparison."""
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 CHUNK_COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -43,16 +44,13 @@ class ChunkGapHistogram:
         self._routes: dict[str, list] = {}
 
     def for_route(self, route: str) -> list:
-        """[bucket counts..., +Inf count, sum]; the relay keeps it for the stream's life."""
+        """[bucket counts..., +Inf count, sum]; the relay keeps it for the stream's life and
+        counts a gap of `s` seconds, per chunk and inline (a call costs as much as the rest),
+        as `series[bisect_left(GAP_BOUNDS, s)] += 1; series[-1] += s`."""
         series = self._routes.get(route)
         if series is None:
             series = self._routes[route] = [0] * (len(CHUNK_GAP_BUCKETS) + 1) + [0.0]
         return series
-
-    @staticmethod
-    def observe(series: list, seconds: float) -> None:
-        series[bisect_left(CHUNK_GAP_BUCKETS, seconds)] += 1
-        series[-1] += seconds
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         family = HistogramMetricFamily(
