@@ -124,7 +124,7 @@ class _Tries:
 
     def _count_retry(self) -> None:
         if self.retry_reason is not None:  # a retry is a try that follows a failure
-            self.metrics.child(self.metrics.retries, self.route.name, self.retry_reason).inc()
+            self.metrics.retries.labels(self.route.name, self.retry_reason).inc()
             self.ctx.trace.retry(self.retry_reason)
             self.retry_reason = None
 
@@ -140,11 +140,11 @@ class _Tries:
         except AttemptFailed as failed:
             outcome = _attempt_outcome(failed)
             span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
-            metrics.child(metrics.upstream_attempts, pool.name, outcome).inc()
+            metrics.upstream_attempts.labels(pool.name, outcome).inc()
             raise
         span.answered(opened.status)
         outcome = "ok" if opened.status < 400 else "upstream_error"
-        metrics.child(metrics.upstream_attempts, pool.name, outcome).inc()
+        metrics.upstream_attempts.labels(pool.name, outcome).inc()
         return opened
 
     async def _backoff(self, attempt: int, retry_after: float | None) -> bool:

@@ -23,7 +23,7 @@ from gateway.engine.duplex import start_forwarding, stop_forwarding
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
-from gateway.observe.metrics import GAP_BOUNDS, Metrics
+from gateway.observe.metrics import Metrics
 
 USAGE_KEY = b'"usage"'
 """Frames that mention it may carry an OpenAI `usage` object (token counts)."""
@@ -80,7 +80,7 @@ class _Pump:
         self.framing = opened.framing
         self.route = route
         self.metrics = metrics
-        self.gaps = metrics.chunk_gap.for_route(route.name)
+        self.gaps = metrics.chunk_gap.labels(route.name)
         keepalive = self._keepalive if (self.framing.keepalive and route.keepalive) else None
         self.two_way = opened.response.send is not None and sink.receive is not None
         idle = route.websocket.idle if self.two_way and route.websocket else None
@@ -153,7 +153,7 @@ class _Pump:
         ctx, clock, framing, pump = self.ctx, self.clock, self.framing, self
         cut, time = framing.cut, clock._loop.time
         write, closing, buffered = self.sink.write, self.sink.closing, self.sink.buffered
-        gaps = self.gaps
+        gaps, bounds = self.gaps, self.gaps.bounds
         watch_usage = framing.watches_usage
         max_chunks, max_bytes = self.route.buffer.chunks, self.route.buffer.bytes
         arrived = clock.since
@@ -162,7 +162,7 @@ class _Pump:
             nonlocal arrived
             now = time()
             gap = now - arrived
-            gaps[bisect_left(GAP_BOUNDS, gap)] += 1
+            gaps[bisect_left(bounds, gap)] += 1  # Buckets.observe, inline
             gaps[-1] += gap
             arrived = clock.since = now
             tail = pump.tail

@@ -77,29 +77,25 @@ class Runtime:
 
     def stream_started(self, ctx: RequestContext) -> None:
         self.streams.add(ctx)
-        self.metrics.child(self.metrics.active_streams, ctx.route_name).inc()
+        self.metrics.active_streams.labels(ctx.route_name).inc()
 
     def stream_ended(self, ctx: RequestContext) -> None:
         self.streams.discard(ctx)
-        self.metrics.child(self.metrics.active_streams, ctx.route_name).dec()
+        self.metrics.active_streams.labels(ctx.route_name).dec()
 
     def observe(self, ctx: RequestContext) -> None:
         """Called once per request, however it ended: metrics and the access log line."""
         m, route, upstream = self.metrics, ctx.route_name or NO_NAME, ctx.upstream or NO_NAME
-        m.child(
-            m.requests, route, upstream, str(ctx.status), "true" if ctx.stream else "false"
-        ).inc()
+        m.requests.labels(route, upstream, str(ctx.status), "true" if ctx.stream else "false").inc()
         if ctx.outcome == "client_disconnect":
-            m.child(m.client_disconnects, route).inc()
+            m.client_disconnects.labels(route).inc()
         if ctx.first_chunk_at is not None:  # committed: it was a stream (or a whole answer)
             now = asyncio.get_running_loop().time()
-            m.child(m.time_to_first_chunk, route, upstream).observe(
-                ctx.first_chunk_at - ctx.started
-            )
-            m.child(m.stream_duration, route, ctx.outcome).observe(now - ctx.started)
-            m.child(m.chunks_per_stream, route).observe(ctx.chunks)
+            m.time_to_first_chunk.labels(route, upstream).observe(ctx.first_chunk_at - ctx.started)
+            m.stream_duration.labels(route, ctx.outcome).observe(now - ctx.started)
+            m.chunks_per_stream.labels(route).observe(ctx.chunks)
             if ctx.error_kind is not None:
-                m.child(m.stream_errors, route, ctx.error_kind).inc()
+                m.stream_errors.labels(route, ctx.error_kind).inc()
             if ctx.usage is not None:
                 self._observe_usage(ctx, now)
         if self.config.telemetry.genai_metrics:
@@ -109,8 +105,8 @@ class Runtime:
     def _observe_usage(self, ctx: RequestContext, now: float) -> None:
         prompt, completion = ctx.usage
         m, route, upstream = self.metrics, ctx.route_name, ctx.upstream or NO_NAME
-        m.child(m.tokens, route, upstream, "prompt").inc(prompt)
-        m.child(m.tokens, route, upstream, "completion").inc(completion)
+        m.tokens.labels(route, upstream, "prompt").inc(prompt)
+        m.tokens.labels(route, upstream, "completion").inc(completion)
         streaming_s = now - ctx.first_chunk_at
         if ctx.stream and completion and streaming_s > 0:
-            m.child(m.output_tokens_per_second, route, upstream).observe(completion / streaming_s)
+            m.output_tokens_per_second.labels(route, upstream).observe(completion / streaming_s)

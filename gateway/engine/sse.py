@@ -33,6 +33,16 @@ def split_complete(data: bytes, sep: bytes) -> tuple[bytes, bytes]:
     return data[:end], data[end:]
 
 
+def loads_json(data: bytes):
+    """`json.loads`, with the decoding of UTF-8 (what nearly every body is) done first: given
+    bytes, json.loads first guesses the encoding in Python. Raises ValueError."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return json.loads(data)  # UTF-16 or UTF-32, which JSON allows
+    return json.loads(data if text[:1] == "\ufeff" else text)  # json.loads drops a BOM
+
+
 def has_content(events: bytes, sep: bytes) -> bool:
     """Whether any complete event in `events` carries content (and so commits the stream)."""
     return any(event and _event_has_content(event) for event in events.split(sep))
@@ -48,7 +58,7 @@ def _event_has_content(event: bytes) -> bool:
     if data.strip() == b"[DONE]":
         return False
     try:
-        payload = json.loads(data)
+        payload = loads_json(data)
     except ValueError:
         return True  # not ours to judge: relay it
     if not isinstance(payload, dict) or "choices" not in payload:

@@ -6,20 +6,22 @@ from request data, so cardinality is bounded by the config.
 Cost on the hot path is kept near zero:
 - gauges that mirror state (concurrency in use, endpoint health) are read at scrape time by a
   collector, so the request path never touches them;
-- the per-chunk gap histogram is a plain list of bucket counts per route, incremented with
-  one bisect and no lock (the event loop is single-threaded), exported at scrape time;
-- everything else is observed once per request, in `observe`.
+- the metrics a request updates are `loop_metrics` families: plain numbers with no lock,
+  exported at scrape time; the per-chunk gap histogram is a plain list per route that the
+  relay increments inline;
+- everything else is observed once per request, in `Runtime.observe`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
 
 from gateway.observe.budget_metrics import BudgetMetrics
 from gateway.observe.genai_metrics import GenAIMetrics
+from gateway.observe.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
 
 NO_NAME = "none"
 """The `route` or `upstream` label of a request refused before one was chosen (404, 413, 429,
@@ -29,46 +31,10 @@ NO_NAME = "none"
 # Buckets for LLM traffic: first chunks in milliseconds to a minute, streams up to half an hour.
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 CHUNK_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-GAP_BOUNDS = tuple(float(b) for b in CHUNK_GAP_BUCKETS)
-"""The same, all floats: a float compared with a float is the cheapest comparison."""
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 CHUNK_COUNT_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TOKENS_PER_S_BUCKETS = (1, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
-
-
-class ChunkGapHistogram:
-    """streamgate_chunk_gap_seconds{route}: bucket counts in plain lists, exported at scrape."""
-
-    def __init__(self) -> None:
-        self._routes: dict[str, list] = {}
-
-    def for_route(self, route: str) -> list:
-        """[bucket counts..., +Inf count, sum]; the relay keeps it for the stream's life and
-        counts a gap of `s` seconds, per chunk and inline (a call costs as much as the rest),
-        as `series[bisect_left(GAP_BOUNDS, s)] += 1; series[-1] += s`."""
-        series = self._routes.get(route)
-        if series is None:
-            series = self._routes[route] = [0] * (len(CHUNK_GAP_BUCKETS) + 1) + [0.0]
-        return series
-
-    def collect(self) -> Iterable[HistogramMetricFamily]:
-        family = HistogramMetricFamily(
-            "streamgate_chunk_gap_seconds",
-            "Silence between two body chunks of a committed stream.",
-            labels=["route"],
-        )
-        for route, series in self._routes.items():
-            cumulative, buckets = 0, []
-            for bound, count in zip((*CHUNK_GAP_BUCKETS, float("inf")), series[:-1], strict=True):
-                cumulative += count
-                buckets.append((_bound(bound), cumulative))
-            family.add_metric([route], buckets, series[-1])
-        yield family
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(float(value))
 
 
 class StateCollector:
@@ -129,80 +95,85 @@ def _shared_state_up(runtime) -> GaugeMetricFamily:
 class Metrics:
     def __init__(self, runtime: Callable[[], object] = lambda: None) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "streamgate_requests_total",
             "Requests by final status.",
             ["route", "upstream", "status", "stream"],
-            registry=r,
+            r,
         )
-        self.time_to_first_chunk = Histogram(
+        self.time_to_first_chunk = LoopHistogram(
             "streamgate_time_to_first_chunk_seconds",
             "Request arrival to the commit point (first content chunk).",
             ["route", "upstream"],
-            buckets=FIRST_CHUNK_BUCKETS,
-            registry=r,
+            r,
+            FIRST_CHUNK_BUCKETS,
         )
-        self.chunk_gap = ChunkGapHistogram()
-        r.register(self.chunk_gap)
-        self.stream_duration = Histogram(
+        self.chunk_gap = LoopHistogram(
+            "streamgate_chunk_gap_seconds",
+            "Silence between two body chunks of a committed stream.",
+            ["route"],
+            r,
+            CHUNK_GAP_BUCKETS,
+        )
+        self.stream_duration = LoopHistogram(
             "streamgate_stream_duration_seconds",
             "Committed responses, arrival to last byte.",
             ["route", "outcome"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            r,
+            DURATION_BUCKETS,
         )
-        self.chunks_per_stream = Histogram(
+        self.chunks_per_stream = LoopHistogram(
             "streamgate_chunks_per_stream",
             "Body chunks (SSE events) relayed per stream.",
             ["route"],
-            buckets=CHUNK_COUNT_BUCKETS,
-            registry=r,
+            r,
+            CHUNK_COUNT_BUCKETS,
         )
-        self.stream_errors = Counter(
+        self.stream_errors = LoopCounter(
             "streamgate_stream_errors_total",
             "Streams ended by an error after the commit point.",
             ["route", "kind"],
-            registry=r,
+            r,
         )
-        self.client_disconnects = Counter(
+        self.client_disconnects = LoopCounter(
             "streamgate_client_disconnects_total",
             "Clients that went away before the end.",
             ["route"],
-            registry=r,
+            r,
         )
-        self.active_streams = Gauge(
-            "streamgate_active_streams", "Streams past the commit point.", ["route"], registry=r
+        self.active_streams = LoopGauge(
+            "streamgate_active_streams", "Streams past the commit point.", ["route"], r
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = LoopHistogram(
             "streamgate_queue_wait_seconds",
             "Time spent waiting for concurrency units.",
             ["limit"],
-            buckets=QUEUE_BUCKETS,
-            registry=r,
+            r,
+            QUEUE_BUCKETS,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = LoopCounter(
             "streamgate_rate_limited_total",
             "Requests rejected by a rate limit.",
             ["limit"],
-            registry=r,
+            r,
         )
-        self.upstream_attempts = Counter(
+        self.upstream_attempts = LoopCounter(
             "streamgate_upstream_attempts_total",
             "Tries on an upstream, by outcome.",
             ["upstream", "outcome"],
-            registry=r,
+            r,
         )
-        self.retries = Counter(
+        self.retries = LoopCounter(
             "streamgate_retries_total",
             "Retries and fallbacks before the first chunk, by reason.",
             ["route", "reason"],
-            registry=r,
+            r,
         )
-        self.backpressure_stalls = Counter(
+        self.backpressure_stalls = LoopCounter(
             "streamgate_backpressure_stalls_total",
             "Times a full buffer stopped reading from the upstream.",
             ["route"],
-            registry=r,
+            r,
         )
         self.worker_restarts = Counter(
             "streamgate_worker_restarts_total",
@@ -213,31 +184,31 @@ class Metrics:
         self.config_reloads = Counter(
             "streamgate_config_reloads_total", "Config reloads by result.", ["result"], registry=r
         )
-        self.tokens = Counter(
+        self.tokens = LoopCounter(
             "streamgate_tokens_total",
             "Tokens the upstream reported in `usage`.",
             ["route", "upstream", "type"],
-            registry=r,
+            r,
         )
-        self.output_tokens_per_second = Histogram(
+        self.output_tokens_per_second = LoopHistogram(
             "streamgate_output_tokens_per_second",
             "Completion tokens per second of streaming, where the upstream reports usage.",
             ["route", "upstream"],
-            buckets=TOKENS_PER_S_BUCKETS,
-            registry=r,
+            r,
+            TOKENS_PER_S_BUCKETS,
         )
-        self.upstream_pool_wait = Histogram(
+        self.upstream_pool_wait = LoopHistogram(
             "streamgate_upstream_pool_wait_seconds",
             "Time a try waited for one of its upstream's max_connections.",
             ["upstream"],
-            buckets=QUEUE_BUCKETS,
-            registry=r,
+            r,
+            QUEUE_BUCKETS,
         )
-        self.upstream_pool_exhausted = Counter(
+        self.upstream_pool_exhausted = LoopCounter(
             "streamgate_upstream_pool_exhausted_total",
             "Tries that gave up waiting for one of the upstream's max_connections.",
             ["upstream"],
-            registry=r,
+            r,
         )
         self.endpoint_ejections = Counter(
             "streamgate_endpoint_ejections_total",

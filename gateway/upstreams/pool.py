@@ -185,9 +185,9 @@ class UpstreamPool:
     def _observe_wait(self, seconds: float, exhausted: bool = False) -> None:
         if self._metrics is None:
             return
-        self._metrics.child(self._metrics.upstream_pool_wait, self.name).observe(seconds)
+        self._metrics.upstream_pool_wait.labels(self.name).observe(seconds)
         if exhausted:
-            self._metrics.child(self._metrics.upstream_pool_exhausted, self.name).inc()
+            self._metrics.upstream_pool_exhausted.labels(self.name).inc()
 
     def drop_idle_connections(self, endpoint: Endpoint) -> None:
         """Close the idle kept-alive connections to `endpoint`: its process is gone, so they

@@ -40,13 +40,11 @@ def _connection_named(headers: CIMultiDictProxy[str]) -> set[str]:
 
 
 def _filtered(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    named = _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in dropped and lower not in named:
-            out.add(name, value)
-    return out
+    if "connection" in headers:  # the names it lists are hop-by-hop too
+        named = _connection_named(headers)
+        if not named <= dropped:  # most say only keep-alive or close
+            dropped = dropped | named
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in dropped])
 
 
 def upstream_request_headers(

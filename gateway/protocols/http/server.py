@@ -11,7 +11,7 @@ upstream is sent, and the sink answers go to. Requests the HTTP parser refuses n
 from __future__ import annotations
 
 import asyncio
-import json
+from itertools import chain
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from gateway.config.model import ServerConfig
 from gateway.engine.context import RequestContext, request_id_from
 from gateway.engine.pipeline import Proxy
+from gateway.engine.sse import loads_json
 from gateway.errors import BadRequest, HeadersTooLarge, RequestTimeout, RequestTooLarge
 from gateway.protocols.http.headers import upstream_request_headers
 from gateway.protocols.http.sink import HttpSink
@@ -68,17 +69,18 @@ class HttpInbound:
         target = parse_target(request.raw_path)
         ctx.path, self.route_path = target.forward, target.path
         limit = server.max_request_body
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestTooLarge(
-                f"request body of {request.content_length} bytes is over {limit}"
-            )
-        reading = _read_all(request, limit)
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestTooLarge(f"request body of {length} bytes is over {limit}")
+        content = request.content
         try:
-            if request.content.is_eof():  # it all came with the headers: no timer needed
-                body = await reading
+            if content.is_eof():  # it all came with the headers: no timer, no wait
+                body = content.read_nowait()
+                if len(body) > limit:
+                    raise RequestTooLarge(f"request body is over {limit} bytes")
             else:
                 async with asyncio.timeout(server.body_timeout):
-                    body = await reading
+                    body = await _read_all(request, limit)
         except TimeoutError:
             message = f"the request body did not arrive within {server.body_timeout:g}s"
             raise RequestTimeout(message) from None
@@ -87,8 +89,9 @@ class HttpInbound:
             cause = type(exc.__cause__ or exc).__name__
             raise BadRequest(f"malformed request body ({cause})") from None
         ctx.body = body
-        if body[:1] == b"{" or request.content_type == "application/json":
-            _read_json(ctx, body, strict=request.content_type == "application/json")
+        declared = request.content_type == "application/json"
+        if declared or body[:1] == b"{":
+            _read_json(ctx, body, strict=declared)
         if not ctx.stream and "text/event-stream" in request.headers.get("accept", ""):
             ctx.stream = True
 
@@ -105,7 +108,7 @@ class HttpInbound:
 def _check_header_size(request: web.BaseRequest, limit: int) -> None:
     """The parser bounds each header line and their count, not their total: this does."""
     raw = request.raw_headers
-    size = sum(len(name) + len(value) for name, value in raw) + 4 * len(raw)
+    size = sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
     if size > limit:
         raise HeadersTooLarge(f"request headers of {size} bytes are over {limit}")
 
@@ -123,7 +126,7 @@ async def _read_all(request: web.BaseRequest, limit: int) -> bytes:
 
 def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:
     try:
-        payload = json.loads(body) if body else None
+        payload = loads_json(body) if body else None
     except ValueError as exc:
         if strict:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None

@@ -60,7 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self, head_only: bool) -> None:
         self.status: int | None = None
         self.headers: CIMultiDictProxy[str] | None = None
-        self._raw: list[tuple[bytes, bytes]] = []
+        self._raw: list[tuple[str, str]] = []
         self._chunks: list[bytes] = []
         self._size = 0
         self._complete = False
@@ -129,9 +129,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The exchange is over and the connection goes idle: reading resumes, so that the
-        upstream closing it is seen."""
+        upstream closing it is seen. (Its state is reset by the next `begin`.)"""
         self._busy = False
-        self._reset(False)
         self._resume()
 
     def abort(self) -> None:
@@ -144,9 +143,11 @@ class UpstreamConnection(asyncio.Protocol):
         return waiter
 
     def _wake(self, value: bool | None) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(value)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(value)
 
     def _take(self, resume: bool = True) -> bytes:
         chunks = self._chunks
@@ -204,17 +205,16 @@ class UpstreamConnection(asyncio.Protocol):
             raise _Unexpected("bytes after the response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw.append((name, value))
+        self._raw.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             self._raw = []
             return
-        headers = CIMultiDict(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self._raw
-        )
+        headers = CIMultiDict(self._raw)
         self._raw = []
         self.headers = CIMultiDictProxy(headers)
         self.status = status
@@ -243,7 +243,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._size += len(body)
         if self._size > HIGH_WATER:
             self._pause()
-        self._wake(True)
+        if self._waiter is not None:
+            self._wake(True)
 
     def _hold(self) -> None:
         self._deliver = None  # what else this packet holds waits in `_chunks`
