@@ -4,10 +4,11 @@ The response is parsed where it arrives, in `data_received`. Its body reaches th
 two ways:
 
 - pulled (`read`), up to the commit point: buffered here, reading paused past `HIGH_WATER`;
-- pushed (`stream`), after it: each body chunk is handed to the engine's callback from inside
-  `data_received`, with no future, queue or task wake-up per chunk. The callback answers True
-  to hold: reading pauses (TCP backpressure reaches the backend) and `stream` returns, so the
-  engine can drain the client before it streams on.
+- pushed (`stream`), after it: the body bytes of each packet are handed to the engine's
+  callback from inside `data_received`, in one piece however many HTTP chunks they were, with
+  no future, queue or task wake-up per chunk. The callback answers True to hold: reading
+  pauses (TCP backpressure reaches the backend) and `stream` returns, so the engine can drain
+  the client before it streams on.
 
 The connection serves one exchange at a time and is reused only after a complete response that
 both sides keep alive (`reusable`); one abandoned mid-body is aborted, never reused. Whatever
@@ -42,7 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "transport", "lost", "idle_since", "status", "headers", "_loop", "_parser", "_on_lost",
         "_waiter", "_raw", "_chunks", "_size", "_complete", "_keep", "_error", "_failed",
-        "_deliver", "_paused", "_busy", "_until_close", "_head_only",
+        "_deliver", "_pending", "_paused", "_busy", "_until_close", "_head_only",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable) -> None:
@@ -69,6 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._failed: Exception | None = None
         """What the engine's push callback raised (the client gone)."""
         self._deliver: Callable[[bytes], bool] | None = None
+        self._pending = b""
+        """Body bytes of the packet being parsed, pushed once it is (`data_received`)."""
         self._until_close = False
         self._head_only = head_only
 
@@ -176,7 +179,27 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
-            self._broken(exc)
+            broken: Exception | None = exc
+        else:
+            broken = None
+        pending = self._pending
+        if pending:  # pushed: once per packet, however many HTTP chunks it held
+            self._pending = b""
+            try:
+                hold = self._deliver(pending)
+            except Exception as exc:  # the engine's verdict (the client gone): the task's now
+                self._deliver, self._failed = None, exc
+                self._pause()
+                self._wake(None)
+            else:
+                if hold:
+                    self._deliver = None
+                    self._pause()
+                    self._wake(False)
+                elif self._complete:
+                    self._wake(True)
+        if broken is not None:  # after the good bytes before the bad ones
+            self._broken(broken)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
@@ -229,15 +252,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake(True)
 
     def on_body(self, body: bytes) -> None:
-        deliver = self._deliver
-        if deliver is not None:
-            try:
-                if deliver(body):
-                    self._hold()
-            except Exception as exc:  # the engine's verdict (the client gone): the task's now
-                self._deliver, self._failed = None, exc
-                self._pause()
-                self._wake(None)
+        if self._deliver is not None:  # pushed, once the packet is parsed (`data_received`)
+            pending = self._pending
+            self._pending = pending + body if pending else body
             return
         self._chunks.append(body)
         self._size += len(body)
@@ -246,14 +263,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._waiter is not None:
             self._wake(True)
 
-    def _hold(self) -> None:
-        self._deliver = None  # what else this packet holds waits in `_chunks`
-        self._pause()
-        self._wake(False)
-
     def on_message_complete(self) -> None:
         if self.status is None:
             return  # the end of an interim answer
         self._complete = True
         self._keep = self._parser.should_keep_alive()
-        self._wake(True)
+        if not self._pending:  # else `data_received` wakes, once the engine has the bytes
+            self._wake(True)
