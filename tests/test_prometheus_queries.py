@@ -176,8 +176,8 @@ class Prometheus:
                 answer = await self.query(session, promql)
                 if answer.get("status") == "success" and predicate(answer["data"]["result"]):
                     return
-            except aiohttp.ClientConnectionError:
-                pass  # not listening yet
+            except (aiohttp.ClientConnectionError, aiohttp.ContentTypeError):
+                pass  # not listening yet, or listening but not ready (a text/plain 503)
             assert time.monotonic() < deadline, f"no {what} within {bound}s"
             await asyncio.sleep(0.1)
 

@@ -71,7 +71,11 @@ class PlainResponse:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
+        if conn is None:
+            return
+        if conn.reusable:  # read to its end (an error answer judged whole): nothing to stop
+            self._client.put_back(conn, self._origin)
+        else:
             conn.abort()
 
 

@@ -87,11 +87,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(request)
 
     async def head(self) -> None:
-        """Until the status line and headers are in (raises UpstreamBroken)."""
-        while self.status is None and self._error is None:
+        """Until the status line and headers are in (raises UpstreamBroken). What breaks
+        after them is for `read` or `stream` to raise, after the bytes before it."""
+        while self.status is None:
+            if self._error is not None:
+                raise self._error
             await self._wait()
-        if self._error is not None:
-            raise self._error
 
     async def read(self) -> bytes:
         """The body bytes that arrived since the last call; b"" at the body's end."""
