@@ -86,6 +86,8 @@ class Proxy:
                 await inbound.admitted(route)
                 headers = inbound.upstream_headers()
                 opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
+                # Nothing is replayed from here on: a long stream does not keep its request.
+                ctx.body, ctx.json, headers = b"", None, None
                 runtime.stream_started(ctx)
                 try:
                     await relay(sink, ctx, opened, route, runtime.metrics)

@@ -112,7 +112,7 @@ class _Pump:
     async def _pump(self) -> None:
         ctx, clock, sink, framing = self.ctx, self.clock, self.sink, self.framing
         response = self.opened.response
-        head = self.opened.head
+        head, self.opened.head = self.opened.head, b""  # not kept for the stream's life
         end = self.framing.cut(head)
         data, self.tail = head[:end], head[end:]
         await sink.commit(self.opened, data)
