@@ -10,7 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
 from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
-from gateway.config.routes import FramingConfig, Route
+from gateway.config.routes import AnswerEnd, FramingConfig, Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.errors import ConfigErrors
 from gateway.protocols.http.target import BadTarget, parse_target
@@ -193,15 +193,29 @@ def _websocket_line(route: Route) -> str:
             f"data event goes back as a text message; at the end {end} and close 1000"
         )
     else:
+        gaps = (
+            ""
+            if ws.answer_end is None
+            else f", its messages at most chunk_gap {t.chunk_gap:g}s apart until "
+            f"{_answer_end(ws.answer_end)}"
+        )
         how = (
             "websocket passthrough (upstream dialled as ws://, wss://): messages, close codes "
             f"and subprotocols relayed; an answer must start within first_chunk {t.first_chunk:g}s "
-            f"of a client message, idle {ws.idle:g}s otherwise"
+            f"of a client message{gaps}, idle {ws.idle:g}s otherwise; until the first upstream "
+            f"message, client messages (up to {ws.replay_buffer} bytes) are replayed to the "
+            "next try"
         )
     return (
         f"{how}; messages up to {ws.max_message_size} bytes (1009 past it); after the upgrade "
         "a failure closes with 1011 (1013 when overloaded), never 1000"
     )
+
+
+def _answer_end(end: AnswerEnd) -> str:
+    if end.kind == "finish_reason":
+        return "a chunk with finish_reason set"
+    return "a message with " + ", ".join(f"{k}={v!r}" for k, v in end.match.items())
 
 
 def _framing_line(framing: FramingConfig) -> str:

@@ -26,10 +26,17 @@ limits: [slots]
 SLOTS = "limits: {concurrency: {slots: {capacity: 10, weights: {stream: 3, unary: 1}}}}\n"
 
 
+def chunk(text: str | None, finish: str | None = None) -> str:
+    """An OpenAI chat-completion chunk, as Inferneo sends one per message."""
+    delta = {} if text is None else {"content": text}
+    return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
 class WsUpstream:
     """An aiohttp WebSocket server: /echo, /stream (three messages per message), /cut (one
-    message, then the connection dropped), /silent (never answers), /big (answers 2 KiB);
-    it records how each session ended."""
+    message, then the connection dropped), /silent (never answers), /big (answers 2 KiB),
+    /answer (two OpenAI chunks, then one with finish_reason), /stall-mid-answer (one chunk,
+    then silence); it records how each session ended."""
 
     def __init__(self) -> None:
         self.closed: asyncio.Queue[tuple[int | None, float]] = asyncio.Queue()
@@ -46,6 +53,12 @@ class WsUpstream:
                     continue
                 if request.path == "/big":
                     await ws.send_str("x" * 2048)
+                    continue
+                if request.path in ("/answer", "/stall-mid-answer"):
+                    await ws.send_str(chunk("a"))
+                    if request.path == "/answer":
+                        await ws.send_str(chunk("b"))
+                        await ws.send_str(chunk(None, "stop"))
                     continue
                 if request.path == "/cut":
                     await ws.send_str("partial")
@@ -227,6 +240,40 @@ async def test_session_silence_is_bounded(
                 await ws.recv()
         await ws_upstream.closed.get()
     assert (closed.value.rcvd.code, closed.value.rcvd.reason.split(":")[0]) == (code, condition)
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+ANSWERS = WS_ROUTE.replace("idle: 5s", "idle: 5s, answer_end: finish_reason") + (
+    "timeouts: {chunk_gap: 300ms}\n"
+)
+
+
+async def test_silence_in_the_middle_of_an_answer_closes_1011(start_gateway, ws_upstream, client):
+    gw = await gateway(start_gateway, ws_upstream.url, ANSWERS)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/stall-mid-answer")) as ws:
+            await ws.send("go")
+            assert json.loads(await ws.recv())["choices"][0]["delta"] == {"content": "a"}
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        await ws_upstream.closed.get()
+    assert closed.value.rcvd.code == 1011  # never a clean 1000
+    assert closed.value.rcvd.reason.startswith("chunk_gap_timeout: ")
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_a_finished_answer_rests_under_idle_not_chunk_gap(
+    start_gateway, ws_upstream, client
+):
+    gw = await gateway(start_gateway, ws_upstream.url, ANSWERS)
+    async with asyncio.timeout(5):
+        async with websockets.connect(ws_url(gw, "/answer")) as ws:
+            for _ in range(2):
+                await ws.send("go")
+                got = [json.loads(await ws.recv())["choices"][0] for _ in range(3)]
+                assert got[-1]["finish_reason"] == "stop"
+                await asyncio.sleep(0.6)  # twice chunk_gap, well within idle
+    assert ws.close_code == 1000
     await gauges_return_to_zero(client, gw, "slots")
 
 

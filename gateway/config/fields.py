@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, get_args, get_type_hints
 from gateway.config.model import RateLimit, TokenBudget
 from gateway.config.routes import (
     DEFAULT_FALLBACK_ON,
+    AnswerEnd,
     Fallback,
     FramingConfig,
     RetryPolicy,
@@ -20,7 +21,7 @@ from gateway.config.routes import (
 )
 
 # Dataclasses that may also be written as a bare scalar, giving this one field.
-SHORTHAND = {Fallback: "upstream", FramingConfig: "kind"}
+SHORTHAND = {Fallback: "upstream", FramingConfig: "kind", AnswerEnd: "kind"}
 
 
 def _lower_header_key(key: str) -> str:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 
 from gateway.config.model import GatewayConfig
-from gateway.config.routes import RetryPolicy, Route, RouteMatch
+from gateway.config.routes import AnswerEnd, RetryPolicy, Route, RouteMatch
 from gateway.config.rules import (
     Problem,
     Problems,
@@ -63,10 +63,20 @@ def _websocket(path: str, route: Route) -> Problems:
     ws = route.websocket
     yield from at_least(f"{path}.websocket.max_message_size", ws.max_message_size, 1)
     yield from positive(f"{path}.websocket.idle", ws.idle, "s")
+    yield from at_least(f"{path}.websocket.replay_buffer", ws.replay_buffer, 1)
+    if ws.answer_end is not None:
+        yield from answer_end(f"{path}.websocket.answer_end", ws.answer_end)
     if route.match.model is not None:
         # A session is routed on its upgrade request, which has no body to read a model from.
         message = "a websocket route is chosen before any message arrives: no model to match"
         yield Problem(f"{path}.match.model", message)
+
+
+def answer_end(path: str, end: AnswerEnd) -> Problems:
+    if end.kind == "match" and not end.match:
+        yield Problem(f"{path}.match", "name at least one field the end message has")
+    if end.kind == "finish_reason" and end.match:
+        yield Problem(f"{path}.match", "only with kind: match (finish_reason matches on its own)")
 
 
 def _route_limits(path: str, route: Route, limits: Mapping[str, object]) -> Problems:

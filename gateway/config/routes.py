@@ -102,6 +102,18 @@ class FramingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerEnd:
+    """Which upstream message ends an answer. Written as a bare name, `finish_reason` (an
+    OpenAI chat-completion chunk, as Inferneo sends, one of whose choices has its
+    `finish_reason` set), or as `{match: {type: done}}` (a JSON object whose top-level fields
+    have these string values, as Mullama's `{"type": "done"}`)."""
+
+    kind: Literal["finish_reason", "match"] = "match"
+    match: Mapping[str, str] = field(default_factory=frozen_map)
+    """`kind: match`: top-level field → string value, all of which the end message has."""
+
+
+@dataclass(frozen=True, slots=True)
 class WebSocketConfig:
     """A route that accepts WebSocket sessions (`Upgrade: websocket`). Such a route matches
     only upgrade requests, and a route without this block never matches one, so no tunnel is
@@ -127,6 +139,19 @@ class WebSocketConfig:
     end_message: str | None = "[DONE]"
     """`upstream: sse`: the text message sent when the SSE stream ends cleanly, before the
     1000 close; null sends none."""
+    answer_end: AnswerEnd | None = None
+    """`upstream: websocket`: the upstream message that ends an answer (see AnswerEnd). With
+    it, an answer is in progress from its first upstream message until this one, and
+    `timeouts.chunk_gap` bounds the silence between its messages (past it: 1011,
+    `chunk_gap_timeout`); `idle` applies only between answers. Null (the default): the
+    gateway cannot tell a finished answer from a stalled one, so `idle` bounds the silence
+    after any upstream message."""
+    replay_buffer: Bytes = 1 * MiB
+    """`upstream: websocket`: client messages kept, in bytes, while no upstream message has
+    reached the client, so a failed upstream (a reset, or silence past `first_chunk` after a
+    client message) can be failed over to the next endpoint or fallback with them replayed.
+    When full, the client is not read until the first upstream message (its next messages
+    wait in TCP, nothing is dropped); one message larger than this is kept whole."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,14 +13,23 @@ observation) is the engine's, and the same for every protocol.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.config.routes import Route
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.engine.framing import Framing
     from gateway.upstreams.endpoint import Endpoint
     from gateway.upstreams.pool import UpstreamPool
+
+
+ROUTE: ContextVar[Route] = ContextVar("route")
+"""The route of the request being served, set by the pipeline once routed (each request is
+its own task, so its own context). A protocol's client reads its route settings here (a
+WebSocket's `max_message_size`, `answer_end`) so that `UpstreamClient.send` is the same for
+every protocol."""
 
 
 class UpstreamResponse(Protocol):

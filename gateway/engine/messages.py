@@ -63,6 +63,15 @@ def split(data: bytes):
         at = start + length
 
 
+def last_data(data: bytes, end: int) -> bytes | None:
+    """The payload of the last text or binary envelope in `data[:end]` (whole envelopes)."""
+    found = None
+    for kind, payload in split(data[:end]):
+        if kind != CLOSE:
+            found = payload
+    return found
+
+
 def error_close(err: GatewayError) -> bytes:
     """How a session that fails after its commit point ends: never a clean 1000. Overload
     asks the client to come back later (1013); an idle session is going away (1001);

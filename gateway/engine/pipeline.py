@@ -26,7 +26,7 @@ from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
 from gateway.engine.attempts import open_stream
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
-from gateway.engine.exchange import Sink
+from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
 from gateway.engine.routing import RequestFacts
 from gateway.engine.runtime import Runtime
@@ -81,6 +81,7 @@ class Proxy:
                 raise Draining("the gateway is shutting down")
             await inbound.read(runtime.config.server)
             route = _route(runtime, ctx, inbound)
+            ROUTE.set(route)
             ctx.deadline = ctx.started + route.timeouts.total
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)

@@ -112,6 +112,7 @@ class _Pump:
         data, tail = head[:end], head[end:]
         await sink.commit(self.opened, data)
         ctx.first_chunk_at = time()
+        clock.answering = framing.answering
         if self.two_way:
             self.forwarding = start_forwarding(sink, self.opened.response, clock, ctx)
         write, closing, buffered = sink.write, sink.closing, sink.buffered
@@ -135,6 +136,7 @@ class _Pump:
                     data, tail = data[:end], data[end:]
                 else:
                     tail = b""
+                clock.answering = framing.answering
                 if closing():
                     raise ConnectionResetError("the client went away")
                 write(data)

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.engine import messages
+from gateway.engine.answer_end import end_test
+from gateway.engine.exchange import ROUTE
 from gateway.engine.framing import Messages
 from gateway.errors import UpstreamConnectError
 from gateway.protocols.http.client import REQUEST_SENT, HttpClient
-
-MAX_MESSAGE: ContextVar[int] = ContextVar("max_message", default=1 << 20)
-"""The route's `websocket.max_message_size`, set by the session's handler before its tries."""
 
 _UNSENDABLE = {1005: messages.NORMAL, 1006: messages.GOING_AWAY, 1015: messages.GOING_AWAY}
 """Close codes that describe a close but may not be sent in one (RFC 6455 7.4.1)."""
@@ -55,7 +53,7 @@ class WsClient:
         connect_timeout: float,
         on_sent: Callable[[bool], None],
     ):
-        pool = self.http.pool
+        pool, config = self.http.pool, ROUTE.get().websocket
         forward = CIMultiDict(
             (k, v) for k, v in headers.items() if not k.lower().startswith("sec-websocket-")
         )
@@ -72,7 +70,7 @@ class WsClient:
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=connect_timeout),
                 autoclose=False,  # a close is answered once both sides have been told
                 autoping=True,  # pings are answered per hop
-                max_msg_size=MAX_MESSAGE.get(),
+                max_msg_size=config.max_message_size,
                 compress=0,  # messages are relayed as they come, never recompressed
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -85,7 +83,7 @@ class WsClient:
             raise UpstreamConnectError(message, refused=refused) from exc
         finally:
             REQUEST_SENT.reset(sent)
-        return WsResponse(ws)
+        return WsResponse(ws, Messages(end_test(config.answer_end)))
 
 
 class _Refused:
@@ -113,10 +111,10 @@ class WsResponse:
     status = 101
     __slots__ = ("ws", "headers", "framing", "_ended", "_we_closed")
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, framing: Messages) -> None:
         self.ws = ws
         self.headers = ws._response.headers  # the handshake's: the subprotocol chosen
-        self.framing = Messages()
+        self.framing = framing
         self._ended = False
         self._we_closed = False
 
