@@ -36,35 +36,44 @@ class WsUpstream:
     """An aiohttp WebSocket server: /echo, /stream (three messages per message), /cut (one
     message, then the connection dropped), /silent (never answers), /big (answers 2 KiB),
     /answer (two OpenAI chunks, then one with finish_reason), /stall-mid-answer (one chunk,
-    then silence); it records how each session ended."""
+    then silence), /reset (drops the connection on the first message); it records the
+    messages it got and how each session ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, behaviour: str | None = None) -> None:
+        self.behaviour = behaviour
+        """Behave as this path does, whatever the path asked (for a primary that fails)."""
         self.closed: asyncio.Queue[tuple[int | None, float]] = asyncio.Queue()
         self.protocols: list[str | None] = []
+        self.received: list[str] = []
         self.url = ""
 
     async def session(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(protocols=("chat.v2",))
         await ws.prepare(request)
         self.protocols.append(ws.ws_protocol)
+        path = self.behaviour or request.path
         try:
             async for msg in ws:
-                if request.path == "/silent":
+                self.received.append(msg.data)
+                if path == "/reset":
+                    request.transport.abort()
+                    break
+                if path == "/silent":
                     continue
-                if request.path == "/big":
+                if path == "/big":
                     await ws.send_str("x" * 2048)
                     continue
-                if request.path in ("/answer", "/stall-mid-answer"):
+                if path in ("/answer", "/stall-mid-answer"):
                     await ws.send_str(chunk("a"))
-                    if request.path == "/answer":
+                    if path == "/answer":
                         await ws.send_str(chunk("b"))
                         await ws.send_str(chunk(None, "stop"))
                     continue
-                if request.path == "/cut":
+                if path == "/cut":
                     await ws.send_str("partial")
                     request.transport.abort()
                     break
-                times = 3 if request.path == "/stream" else 1
+                times = 3 if path == "/stream" else 1
                 for i in range(times):
                     if msg.type is WSMsgType.TEXT:
                         await ws.send_str(msg.data if times == 1 else f"{msg.data}-{i}")
@@ -143,6 +152,72 @@ async def test_failed_handshake_falls_back(start_gateway, ws_upstream, upstream,
             await ws.send("x")
             assert await ws.recv() == "x"
     assert len(upstream.requests) == 1
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+FAILOVER = WS_ROUTE + "fallbacks: [good]\nretry: {attempts: 1}\ntimeouts: {first_chunk: 300ms}\n"
+
+
+@pytest.mark.parametrize("failure", ["/silent", "/reset"], ids=["silence", "reset-after-101"])
+async def test_failure_before_the_first_upstream_message_fails_over_with_replay(
+    start_gateway, ws_upstream, client, failure
+):
+    """The primary accepts the session, then says nothing to the client's question (or drops
+    the connection on it): the fallback gets the question replayed and answers it."""
+    async with WsUpstream(behaviour=failure) as primary:
+        gw = await gateway(
+            start_gateway,
+            primary.url,
+            FAILOVER,
+            extra_upstreams=http_upstream("good", ws_upstream.url),
+        )
+        async with asyncio.timeout(5):
+            async with websockets.connect(ws_url(gw, "/echo"), subprotocols=["chat.v2"]) as ws:
+                await ws.send("question")
+                assert await ws.recv() == "question"  # the fallback's answer
+                await ws.send("next")
+                assert await ws.recv() == "next"
+            await primary.closed.get()  # the failed primary's session was closed
+        assert primary.received == ["question"]
+        assert ws_upstream.received == ["question", "next"]  # replayed once, in order
+        async with client.get(gw.admin_url + "/metrics") as resp:
+            metrics = await resp.text()
+        assert 'streamgate_retries_total{reason="' in metrics
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_messages_past_the_replay_buffer_wait_and_none_is_lost(
+    start_gateway, ws_upstream, client
+):
+    route = FAILOVER.replace("idle: 5s", "idle: 5s, replay_buffer: 1KiB")
+    async with WsUpstream(behaviour="/silent") as primary:
+        gw = await gateway(
+            start_gateway, primary.url, route, extra_upstreams=http_upstream("good", ws_upstream.url)
+        )
+        sent = [f"{i}" * 600 for i in range(4)]  # the buffer is full after the second
+        async with asyncio.timeout(5):
+            async with websockets.connect(ws_url(gw, "/echo")) as ws:
+                for message in sent:
+                    await ws.send(message)
+                assert [await ws.recv() for _ in sent] == sent
+        assert primary.received == sent[:2]  # the rest waited for the fallback's answer
+        assert ws_upstream.received == sent
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_failover_that_fails_everywhere_closes_1011(start_gateway, client):
+    async with WsUpstream(behaviour="/silent") as primary, WsUpstream("/silent") as fallback:
+        gw = await gateway(
+            start_gateway, primary.url, FAILOVER, extra_upstreams=http_upstream("good", fallback.url)
+        )
+        async with asyncio.timeout(5):
+            async with websockets.connect(ws_url(gw, "/echo")) as ws:
+                await ws.send("anyone?")
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+        assert fallback.received == ["anyone?"]
+    assert closed.value.rcvd.code == 1011  # never a clean 1000
+    assert closed.value.rcvd.reason.startswith("first_chunk_timeout: ")
     await gauges_return_to_zero(client, gw, "slots")
 
 

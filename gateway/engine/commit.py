@@ -74,8 +74,6 @@ async def read_until_commit(
             raise _status_failure(status, headers, body)
         return Opened(status, headers, body, False, Framing(), response)
     framing = response.framing or choose(route.framing, headers, ctx.stream)
-    if framing.commits_on_open:
-        return Opened(status, headers, b"", False, framing, response)
     if framing.streams:
         head, complete = await _read_to_commit(response, framing, limit)
         has_content = not complete or framing.commits_at_end(head)

@@ -53,6 +53,7 @@ class RequestContext:
         "upstream_protocol",
         "messages_in",
         "client_closed",
+        "session",
     )
 
     def __init__(
@@ -96,6 +97,7 @@ class RequestContext:
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
         self.trace: RequestTrace | NullTrace = NULL_TRACE
+        """This request's spans; the shared no-op when tracing is off."""
         self.protocol = "http"
         """The client's protocol: "http", or "websocket" for a session."""
         self.upstream_protocol = "http"
@@ -104,7 +106,9 @@ class RequestContext:
         """Messages the client sent upstream during a two-way session."""
         self.client_closed: tuple[int, str] | None = None
         """A session's client closed it: (code, reason)."""
-        """This request's spans; the shared no-op when tracing is off."""
+        self.session = None
+        """A two-way session's client half (`duplex.ClientHalf`), shared by its tries and
+        its relay; None for a one-way request."""
 
     @property
     def route_name(self) -> str:

@@ -143,7 +143,15 @@ class Sink(Protocol):
     """For a two-way exchange, once committed: the client's next message envelope (its
     close as a CLOSE envelope), b"" once nothing more will come; None for HTTP."""
 
-    async def refuse(self, err: GatewayError) -> None: ...
+    async def open(self, headers: Mapping[str, str]) -> None:
+        """A two-way exchange only (`receive` set): a try's upstream accepted it (`headers`:
+        its acceptance). The first call connects the client before the commit point, so that
+        it can ask; a later try (a failover) must agree with what the client was given, or
+        raise a GatewayError (the condition fails that try)."""
+
+    async def refuse(self, err: GatewayError) -> None:
+        """Before the commit point: the error in the protocol's words (once connected by
+        `open`, a two-way client is closed with it)."""
 
     async def send_whole(self, opened: Opened) -> None: ...
 

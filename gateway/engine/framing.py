@@ -51,10 +51,6 @@ class Framing:
     """A frame that says nothing, written after upstream silence (SSE comments)."""
     watches_usage = False
     """Whether frames may carry an OpenAI `usage` object to count tokens from."""
-    commits_on_open = False
-    """True when the upstream accepting the exchange is itself the commit point (a WebSocket
-    handshake): nothing is read before committing, since the client must be connected before
-    it can say what it wants answered."""
     answering = False
     """Whether, after the frames last cut, an answer is still in progress (a two-way session
     whose route says which message ends an answer): `chunk_gap` bounds the next silence
@@ -191,7 +187,6 @@ class Messages(Framing):
     (the route's `answer_end`), each data message says whether an answer is in progress."""
 
     name = "messages"
-    commits_on_open = True
     __slots__ = ("ends_answer", "answering")
 
     def __init__(self, ends_answer: EndTest | None = None) -> None:

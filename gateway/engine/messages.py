@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 
-from gateway.errors import GatewayError, Overloaded
+from gateway.errors import GatewayError, Overloaded, RateLimited
 
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 _HEAD = struct.Struct(">BI")
@@ -72,17 +72,24 @@ def last_data(data: bytes, end: int) -> bytes | None:
     return found
 
 
+def error_code(err: GatewayError) -> int:
+    """How a session that fails once its client is connected ends: never a clean 1000.
+    Overload asks the client to come back later (1013); an idle session is going away
+    (1001); anything else is the server's error (1011)."""
+    if isinstance(err, Overloaded | RateLimited):
+        return TRY_AGAIN_LATER
+    if err.condition == "idle_timeout":
+        return GOING_AWAY
+    return INTERNAL_ERROR
+
+
+def error_reason(err: GatewayError) -> str:
+    return f"{err.condition}: {err.message}"
+
+
 def error_close(err: GatewayError) -> bytes:
-    """How a session that fails after its commit point ends: never a clean 1000. Overload
-    asks the client to come back later (1013); an idle session is going away (1001);
-    anything else is the server's error (1011). The reason says what happened."""
-    if isinstance(err, Overloaded):
-        code = TRY_AGAIN_LATER
-    elif err.condition == "idle_timeout":
-        code = GOING_AWAY
-    else:
-        code = INTERNAL_ERROR
-    return close_envelope(code, f"{err.condition}: {err.message}")
+    """The close envelope that ends a session failing after its commit point."""
+    return close_envelope(error_code(err), error_reason(err))
 
 
 def _clip(reason: str) -> bytes:

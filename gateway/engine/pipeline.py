@@ -26,6 +26,7 @@ from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
 from gateway.engine.attempts import open_stream
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.duplex import ClientHalf
 from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
 from gateway.engine.routing import RequestFacts
@@ -86,6 +87,8 @@ class Proxy:
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)
                 headers = inbound.upstream_headers()
+                if sink.receive is not None:  # a two-way session: its client half
+                    ctx.session = ClientHalf(sink, ctx, route.websocket.replay_buffer)
                 opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
                 runtime.stream_started(ctx)
                 try:
@@ -101,6 +104,8 @@ class Proxy:
         except Exception as exc:  # the last line of defence: a bug of ours
             await _internal_error(ctx, exc, sink)
         finally:
+            if ctx.session is not None:  # a session whose tries all failed is still reading
+                await ctx.session.stop()
             ctx.trace.end(ctx)
             runtime.observe(ctx)
             runtime.leave()

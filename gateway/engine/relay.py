@@ -17,7 +17,6 @@ import asyncio
 from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
-from gateway.engine.duplex import start_forwarding, stop_forwarding
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
@@ -47,7 +46,8 @@ async def relay(
         ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
     finally:
         pump.clock.stop()
-        await stop_forwarding(pump.forwarding)
+        if pump.two_way:
+            await ctx.session.stop()  # before the upstream is let go: nothing more is sent
         opened.finish(clean)
 
 
@@ -61,8 +61,7 @@ class _Pump:
     """
 
     __slots__ = (
-        "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "forwarding",
-        "two_way",
+        "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "two_way",
     )
 
     def __init__(
@@ -76,11 +75,9 @@ class _Pump:
         self.metrics = metrics
         self.gaps = metrics.chunk_gap.for_route(route.name)
         keepalive = self._keepalive if (self.framing.keepalive and route.keepalive) else None
-        self.two_way = opened.response.send is not None and sink.receive is not None
+        self.two_way = opened.response.send is not None and ctx.session is not None
         idle = route.websocket.idle if self.two_way and route.websocket else None
         self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
-        self.forwarding: asyncio.Task | None = None
-        """A two-way session's client-to-upstream half (`duplex.py`), once committed."""
         ctx.abort = self.clock.fire
 
     async def run(self) -> None:
@@ -114,7 +111,7 @@ class _Pump:
         ctx.first_chunk_at = time()
         clock.answering = framing.answering
         if self.two_way:
-            self.forwarding = start_forwarding(sink, self.opened.response, clock, ctx)
+            ctx.session.commit(clock.ask)  # the client's messages: no more replays
         write, closing, buffered = sink.write, sink.closing, sink.buffered
         ctx.chunks, ctx.bytes = framing.frames, len(data)
         if watch_usage and b'"usage"' in data:
