@@ -26,6 +26,9 @@ limits: [slots]
 SLOTS = "limits: {concurrency: {slots: {capacity: 10, weights: {stream: 3, unary: 1}}}}\n"
 
 
+FLOOD_MESSAGE = b"x" * 32768
+
+
 def chunk(text: str | None, finish: str | None = None) -> str:
     """An OpenAI chat-completion chunk, as Inferneo sends one per message."""
     delta = {} if text is None else {"content": text}
@@ -45,6 +48,7 @@ class WsUpstream:
         self.closed: asyncio.Queue[tuple[int | None, float]] = asyncio.Queue()
         self.protocols: list[str | None] = []
         self.received: list[str] = []
+        self.sent_bytes = 0
         self.url = ""
 
     async def session(self, request: web.Request) -> web.WebSocketResponse:
@@ -58,6 +62,11 @@ class WsUpstream:
                 if path == "/reset":
                     request.transport.abort()
                     break
+                if path == "/flood":  # 50 MiB as fast as the connection takes it
+                    for _ in range(1600):
+                        await ws.send_bytes(FLOOD_MESSAGE)
+                        self.sent_bytes += len(FLOOD_MESSAGE)
+                    continue
                 if path == "/silent":
                     continue
                 if path == "/big":
@@ -349,6 +358,33 @@ async def test_a_finished_answer_rests_under_idle_not_chunk_gap(
                 assert got[-1]["finish_reason"] == "stop"
                 await asyncio.sleep(0.6)  # twice chunk_gap, well within idle
     assert ws.close_code == 1000
+    await gauges_return_to_zero(client, gw, "slots")
+
+
+async def test_a_client_that_stops_reading_holds_the_upstream_back_then_slow_client_closes(
+    start_gateway, ws_upstream, client
+):
+    """The client reads nothing after its question while the upstream floods: the gateway
+    buffers at most its route's buffer (plus sockets), the upstream's writes block, and past
+    slow_client the session ends: the upstream at once, the client with 1011."""
+    route = (
+        WS_ROUTE.replace("1KiB", "64KiB")
+        + "timeouts: {slow_client: 500ms}\nbuffer: {chunks: 8, bytes: 256KiB}\n"
+    )
+    gw = await gateway(start_gateway, ws_upstream.url, route)
+    async with asyncio.timeout(10):
+        # max_queue=1: the client's library stops reading its socket once one message waits.
+        async with websockets.connect(ws_url(gw, "/flood"), max_queue=1, max_size=None) as ws:
+            await ws.send("go")
+            await ws_upstream.closed.get()  # the gateway gave up on the session
+            got = await messages_until_closed(ws)
+    assert all(m == FLOOD_MESSAGE for m in got)
+    # Kernel socket buffers on loopback hold a few MiB each way; the 50 MiB never moved.
+    assert ws_upstream.sent_bytes < len(got) * len(FLOOD_MESSAGE) + 16 * 1024 * 1024
+    assert ws.close_code == 1011  # the client learns why, once it reads again
+    assert ws.close_reason.startswith("slow_client: ")
+    async with client.get(gw.admin_url + "/metrics") as resp:
+        assert 'streamgate_stream_errors_total{kind="slow_client",route="r"} 1.0' in await resp.text()
     await gauges_return_to_zero(client, gw, "slots")
 
 

@@ -41,14 +41,12 @@ async def relay(
         await pump.run()
         clean = True
     except GatewayError as err:
+        await pump.let_go(clean=False)  # the upstream stops now, however slow the client is
         await pump.end_visibly(err)
     except ConnectionResetError:  # the client went away while we wrote to it
         ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
     finally:
-        pump.clock.stop()
-        if pump.two_way:
-            await ctx.session.stop()  # before the upstream is let go: nothing more is sent
-        opened.finish(clean)
+        await pump.let_go(clean)
 
 
 class _Pump:
@@ -169,6 +167,14 @@ class _Pump:
         await self.sink.drain()
         clock.reading, clock.since = True, clock._loop.time()
         ctx.buffered_chunks = 0
+
+    async def let_go(self, clean: bool) -> None:
+        """Stop the clock and let go of the upstream (once; the client's half of a session
+        first, so nothing more is sent to it)."""
+        self.clock.stop()
+        if self.two_way:
+            await self.ctx.session.stop()
+        self.opened.finish(clean)
 
     def _keepalive(self) -> None:
         if not self.sink.closing():
