@@ -17,13 +17,17 @@ Behaviour worth knowing when writing tests against it:
 - `fail_status` answers at once, with an OpenAI-style error body and `Retry-After` when asked.
 - A request's JSON may override every knob: `"fake": {"ttft": 0.5, "tokens": 20, ...}`.
 - `max_tokens` caps the token count (finish_reason `length`), as a real backend does.
+- The same paths upgrade to WebSockets (Inferneo style, `websocket`): a JSON request per
+  message, answered with the same chunks, one per message, ending at the one with
+  `finish_reason` (no `[DONE]`); the same knobs, a flag's `fail_status` refusing the upgrade.
 
 Built for load tests: every byte of an event except the token is encoded once per request,
 and each event goes out as its own HTTP chunk, with no per-chunk logging or bookkeeping.
 
 The modules, bottom up: `knobs` (what a completion does), `completion` (its tokens and
 encodings), `stats`, `faults` (error answers, stalls, resets), `generate` (the completion
-endpoints), `app` (routes and the other endpoints), `cli` (flags, serve, main).
+endpoints), `websocket` (the same over WebSocket), `app` (routes and the other endpoints),
+`cli` (flags, serve, main).
 """
 
 from .app import MODEL, build_app

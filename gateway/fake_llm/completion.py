@@ -18,6 +18,10 @@ from typing import Any
 from .knobs import is_count
 
 
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
 def _json(value: Any) -> bytes:
     # Compact UTF-8, as real backends send it (not \\u escapes).
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
@@ -141,7 +145,8 @@ class Completion:
             "total_tokens": self.prompt_tokens + done,
         }
 
-    def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    def message(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        """One chunk as JSON: a WebSocket message, or an SSE event's data."""
         chunk = {
             "id": self.id,
             "object": self.dialect.chunk_object,
@@ -150,24 +155,37 @@ class Completion:
             "choices": choices,
             **extra,
         }
-        return b"data: " + _json(chunk) + b"\n\n"
+        return _json(chunk)
 
-    def token_events(self) -> list[bytes]:
-        """The event for each vocabulary word: one template split around the token."""
-        template = self.event([self.dialect.stream_choice(_MARK, None)])
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return _sse(self.message(choices, **extra))
+
+    def token_messages(self) -> list[bytes]:
+        """The chunk for each vocabulary word: one template split around the token."""
+        template = self.message([self.dialect.stream_choice(_MARK, None)])
         head, tail = template.split(_MARK_JSON)
         return [head + word + tail for word in _VOCAB_JSON]
 
-    def opening_event(self) -> bytes | None:
+    def token_events(self) -> list[bytes]:
+        return [_sse(message) for message in self.token_messages()]
+
+    def opening_message(self) -> bytes | None:
         opening = self.dialect.opening_choice
-        return None if opening is None else self.event([opening])
+        return None if opening is None else self.message([opening])
+
+    def opening_event(self) -> bytes | None:
+        opening = self.opening_message()
+        return None if opening is None else _sse(opening)
+
+    def closing_messages(self) -> list[bytes]:
+        """The finish chunk, and the usage chunk when asked for (no `[DONE]`: that is SSE's)."""
+        messages = [self.message([self.dialect.stream_choice(None, self.finish)])]
+        if self.include_usage:
+            messages.append(self.message([], usage=self.usage()))
+        return messages
 
     def closing_events(self) -> list[bytes]:
-        events = [self.event([self.dialect.stream_choice(None, self.finish)])]
-        if self.include_usage:
-            events.append(self.event([], usage=self.usage()))
-        events.append(_DONE)
-        return events
+        return [*(_sse(message) for message in self.closing_messages()), _DONE]
 
     def unary_body(self) -> bytes:
         body = {

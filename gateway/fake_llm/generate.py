@@ -1,6 +1,6 @@
 """The completion endpoints: parse the request, then fail, stream or answer, as the knobs say.
 
-`_write_tokens` is the hot loop: one pre-encoded event per content token, each its own HTTP
+`write_tokens` is the hot loop: one pre-encoded event per content token, each its own HTTP
 chunk, with no per-chunk logging or bookkeeping.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -35,10 +37,7 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
     """Parse, then fail, stream or answer at once, as the knobs say."""
     stats = request.app[STATS]
     try:
-        body = json.loads(await request.read())
-        if not isinstance(body, dict):
-            raise ValueError("request body must be a JSON object")
-        knobs = request.app[KNOBS].override(body.get("fake"))
+        body, knobs = parse_request(await request.read(), request.app[KNOBS])
     except ValueError as exc:  # json.JSONDecodeError included
         return faults.error_response(400, f"invalid request: {exc}")
     stats.completions_started += 1
@@ -57,6 +56,15 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         stats.completions_active -= 1
 
 
+def parse_request(data: bytes | str, knobs: Knobs) -> tuple[dict[str, Any], Knobs]:
+    """A request's JSON object and its knobs (the `"fake"` overrides applied); ValueError
+    says what is wrong with it."""
+    body = json.loads(data)
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    return body, knobs.override(body.get("fake"))
+
+
 async def _stream(
     request: web.Request, completion: Completion, knobs: Knobs, stats: Stats
 ) -> web.StreamResponse:
@@ -68,7 +76,7 @@ async def _stream(
         opening = completion.opening_event()
         if opening is not None:
             await response.write(opening)  # leaves with the headers, before the ttft wait
-        await _write_tokens(response, [events[t] for t in completion.tokens[:limit]], knobs)
+        await write_tokens(response.write, [events[t] for t in completion.tokens[:limit]], knobs)
         if fault is not None:
             return await faults.inject(fault, request, response, stats)
         for event in completion.closing_events():
@@ -81,15 +89,18 @@ async def _stream(
     return response
 
 
-async def _write_tokens(response: web.StreamResponse, events: list[bytes], knobs: Knobs) -> None:
-    """The hot loop: after `ttft`, one write per content token, paced by `tokens_per_s`."""
+async def write_tokens(
+    write: Callable[[bytes], Awaitable[Any]], events: list[bytes], knobs: Knobs
+) -> None:
+    """The hot loop: after `ttft`, one write per content token (an HTTP chunk, or a WebSocket
+    message), paced by `tokens_per_s`."""
     if knobs.ttft:
         await asyncio.sleep(knobs.ttft)
     if not knobs.tokens_per_s:
         for i, event in enumerate(events):
             if not i % _YIELD_EVERY:
                 await asyncio.sleep(0)
-            await response.write(event)
+            await write(event)
         return
     loop = asyncio.get_running_loop()
     start, interval = loop.time(), 1 / knobs.tokens_per_s
@@ -97,7 +108,7 @@ async def _write_tokens(response: web.StreamResponse, events: list[bytes], knobs
         delay = start + i * interval - loop.time()  # a schedule, so sleep overshoot never adds up
         if delay > 0:
             await asyncio.sleep(delay)
-        await response.write(event)
+        await write(event)
 
 
 async def _unary(
