@@ -87,7 +87,8 @@ def explain_lines(
         lines.append("result: no route matches: the gateway answers 404")
         return lines
     lines.append(f"route: {chosen.name}")
-    stream = stream or chosen.websocket is not None  # a session is charged as a stream
+    # A session, and an answer bridged from a WebSocket to SSE, are charged as streams.
+    stream = stream or chosen.websocket is not None or chosen.websocket_upstream is not None
     kind = "websocket session (charged as a stream)" if chosen.websocket else None
     lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
     lines.extend(_limit_lines(config, chosen, stream, body))
@@ -180,8 +181,23 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
-        _framing_line(route.framing) if route.websocket is None else _websocket_line(route),
+        _protocol_line(route),
     ]
+
+
+def _protocol_line(route: Route) -> str:
+    bridge = route.websocket_upstream
+    if route.websocket is not None:
+        return _websocket_line(route)
+    if bridge is None:
+        return _framing_line(route.framing)
+    done = ", then data: [DONE]" if bridge.done_event else ""
+    return (
+        "bridged to a WebSocket upstream (dialled as ws://, wss://): the body is sent as the "
+        "first message, each upstream message is one SSE data event; "
+        f"{_answer_end(bridge.answer_end)} (or a 1000 close) ends it cleanly{done}; anything "
+        f"else ends it with event: error; messages up to {bridge.max_message_size} bytes"
+    )
 
 
 def _websocket_line(route: Route) -> str:

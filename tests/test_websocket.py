@@ -39,8 +39,9 @@ class WsUpstream:
     """An aiohttp WebSocket server: /echo, /stream (three messages per message), /cut (one
     message, then the connection dropped), /silent (never answers), /big (answers 2 KiB),
     /answer (two OpenAI chunks, then one with finish_reason), /stall-mid-answer (one chunk,
-    then silence), /reset (drops the connection on the first message); it records the
-    messages it got and how each session ended."""
+    then silence), /reset (drops the connection on the first message), /flood (50 MiB),
+    /mullama (Mullama-style tokens, then done; -cut, -1011 and -stall variants fail after
+    the first token); it records the messages it got and how each session ended."""
 
     def __init__(self, behaviour: str | None = None) -> None:
         self.behaviour = behaviour
@@ -62,6 +63,19 @@ class WsUpstream:
                 if path == "/reset":
                     request.transport.abort()
                     break
+                if path.startswith("/mullama"):  # Mullama style: tokens, then done
+                    await ws.send_json({"type": "token", "text": "a"})
+                    if path == "/mullama-cut":
+                        request.transport.abort()
+                        break
+                    if path == "/mullama-1011":
+                        await ws.close(code=1011, message=b"backend crashed")
+                        break
+                    if path == "/mullama-stall":
+                        continue
+                    await ws.send_json({"type": "token", "text": "b\nc"})
+                    await ws.send_json({"type": "done"})
+                    continue
                 if path == "/flood":  # 50 MiB as fast as the connection takes it
                     for _ in range(1600):
                         await ws.send_bytes(FLOOD_MESSAGE)

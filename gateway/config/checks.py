@@ -116,7 +116,8 @@ def _url(path: str, url: str) -> Problems:
     except ValueError:
         valid = False
     if not valid:
-        yield Problem(path, f"invalid url '{url}' (use http:// or https:// and a host)")
+        message = f"invalid url '{url}' (use http://, https://, ws:// or wss:// and a host)"
+        yield Problem(path, message)
 
 
 def _health(path: str, health: HealthConfig) -> Problems:

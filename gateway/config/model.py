@@ -109,7 +109,9 @@ class TelemetryConfig:
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     url: str
-    """Base URL (scheme, host, port, optional path prefix); the request path is appended."""
+    """Base URL (scheme, host, port, optional path prefix); the request path is appended.
+    `ws://` and `wss://` are read as `http://` and `https://` (a WebSocket server answers
+    HTTP too): whether a route speaks WebSocket to it is the route's choice."""
     weight: int = 1
     """Share of traffic under `balance: weighted`; ignored by the other policies."""
 

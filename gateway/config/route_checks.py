@@ -57,6 +57,8 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
         yield Problem(f"{path}.framing.require_footer", message)
     if route.websocket is not None:
         yield from _websocket(path, route)
+    if route.websocket_upstream is not None:
+        yield from _websocket_upstream(path, route)
 
 
 def _websocket(path: str, route: Route) -> Problems:
@@ -65,14 +67,25 @@ def _websocket(path: str, route: Route) -> Problems:
     yield from positive(f"{path}.websocket.idle", ws.idle, "s")
     yield from at_least(f"{path}.websocket.replay_buffer", ws.replay_buffer, 1)
     if ws.answer_end is not None:
-        yield from answer_end(f"{path}.websocket.answer_end", ws.answer_end)
+        yield from _answer_end(f"{path}.websocket.answer_end", ws.answer_end)
     if route.match.model is not None:
         # A session is routed on its upgrade request, which has no body to read a model from.
         message = "a websocket route is chosen before any message arrives: no model to match"
         yield Problem(f"{path}.match.model", message)
 
 
-def answer_end(path: str, end: AnswerEnd) -> Problems:
+def _websocket_upstream(path: str, route: Route) -> Problems:
+    bridge = route.websocket_upstream
+    if route.websocket is not None:
+        message = "a websocket route relays or bridges its sessions itself; drop one of the two"
+        yield Problem(f"{path}.websocket_upstream", message, at_key=True)
+    yield from at_least(
+        f"{path}.websocket_upstream.max_message_size", bridge.max_message_size, 1
+    )
+    yield from _answer_end(f"{path}.websocket_upstream.answer_end", bridge.answer_end)
+
+
+def _answer_end(path: str, end: AnswerEnd) -> Problems:
     if end.kind == "match" and not end.match:
         yield Problem(f"{path}.match", "name at least one field the end message has")
     if end.kind == "finish_reason" and end.match:

@@ -155,6 +155,25 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketUpstream:
+    """An HTTP route whose upstream speaks WebSocket (Inferneo's `/v1/chat/completions`,
+    Mullama's token stream): each try dials a WebSocket at the same path on the upstream
+    (`http://` endpoints as `ws://`, `https://` as `wss://`) and sends the request body as its
+    first text message; the answer is always SSE, one `data:` event per upstream message. The
+    message `answer_end` names is relayed too and ends the stream cleanly, as does a 1000
+    close; anything else (a dropped connection, another close code, a timeout) ends it with
+    `event: error` once committed, and before the first event with content is retried and
+    falls back like any try."""
+
+    answer_end: AnswerEnd = AnswerEnd("finish_reason")
+    """The upstream message that ends the answer (see AnswerEnd; default `finish_reason`)."""
+    done_event: bool = True
+    """End a clean stream with `data: [DONE]`, as OpenAI clients expect."""
+    max_message_size: Bytes = 1 * MiB
+    """Largest upstream message; a larger one is a cut (before the first event: a `reset`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     upstream: str
@@ -174,3 +193,6 @@ class Route:
     websocket: WebSocketConfig | None = None
     """Accept WebSocket sessions on this route (see WebSocketConfig); absent: plain HTTP
     only."""
+    websocket_upstream: WebSocketUpstream | None = None
+    """Bridge this HTTP route's requests to a WebSocket upstream, answering in SSE (see
+    WebSocketUpstream); absent: the upstream is spoken to in HTTP. Not with `websocket`."""

@@ -29,7 +29,7 @@ from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.duplex import ClientHalf
 from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
-from gateway.engine.routing import RequestFacts
+from gateway.engine.routing import RequestFacts, upstream_protocol
 from gateway.engine.runtime import Runtime
 from gateway.errors import Draining, GatewayError, InternalError, NoRoute
 
@@ -147,4 +147,7 @@ def _route(runtime: Runtime, ctx: RequestContext, inbound: Inbound) -> Route:
     if route is None:
         raise NoRoute(f"no route matches {ctx.method} {inbound.route_path}")
     ctx.route = route
+    ctx.upstream_protocol = upstream_protocol(route)
+    if route.websocket_upstream is not None:
+        ctx.stream = True  # bridged to SSE: charged as the stream it will be
     return route

@@ -37,6 +37,16 @@ class RequestFacts:
         return self.headers.get("upgrade", "").lower() == "websocket"
 
 
+def upstream_protocol(route: Route) -> str:
+    """Which of its pools' protocol clients a route's tries use: "websocket" for a WebSocket
+    passthrough or an HTTP route bridged to a WebSocket upstream, else "http" (a WebSocket
+    client bridged to SSE included)."""
+    ws = route.websocket
+    if route.websocket_upstream is not None or (ws is not None and ws.upstream == "websocket"):
+        return "websocket"
+    return "http"
+
+
 class CompiledRoute:
     __slots__ = ("index", "route", "methods", "model_re", "headers", "websocket")
 

@@ -2,9 +2,20 @@
 
 A handshake is an exchange like any other for the engine: a connect failure is
 `UpstreamConnectError`, an answer other than 101 is that status (an error body is not read:
-aiohttp does not keep it), and a dropped connection is `reset`. After the 101 the response is
-read as message envelopes (`engine/messages.py`), and `send` carries the client's envelopes
-the other way.
+aiohttp does not keep it), and a dropped connection is `reset`. After the 101 a session's
+response (`WsResponse`) is read as message envelopes (`engine/messages.py`), and `send` carries
+the client's envelopes the other way.
+
+An HTTP route bridged to a WebSocket upstream (`websocket_upstream`) gets `SseOverWs` instead:
+the request body goes out as the first text message, and from then on each upstream message is
+read as one SSE event `data: <message>` (a message with line breaks is one event of several
+`data:` lines, which SSE joins back), so the engine's SSE framing does the rest as for any SSE
+upstream: it commits on the first event with content (an OpenAI role-only delta does not),
+counts events, keeps `chunk_gap`, and shows a failure after the commit point as `event:
+error`. The end message (`answer_end`) is relayed too and ends the body cleanly, after `data:
+[DONE]` when `done_event` is set; so does a 1000 close. Any other close, a lost connection or
+an oversized message is a cut: before the first event with content a `reset` (retried), after
+it an `event: error`.
 """
 
 from __future__ import annotations
@@ -13,16 +24,21 @@ import struct
 from collections.abc import Callable, Mapping
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.config.routes import WebSocketUpstream
 from gateway.engine import messages
 from gateway.engine.answer_end import end_test
 from gateway.engine.exchange import ROUTE
-from gateway.engine.framing import Messages
+from gateway.engine.framing import Messages, Sse
 from gateway.errors import UpstreamConnectError
 from gateway.protocols.http.client import REQUEST_SENT, HttpClient
 
+_REQUEST_BODY = frozenset({"content-length", "content-type", "transfer-encoding", "expect"})
+"""A bridged request's body headers: its body goes as a message, not on the upgrade request."""
+DONE_EVENT = b"data: [DONE]\n\n"
+_SSE_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "text/event-stream"}))
 _UNSENDABLE = {1005: messages.NORMAL, 1006: messages.GOING_AWAY, 1015: messages.GOING_AWAY}
 """Close codes that describe a close but may not be sent in one (RFC 6455 7.4.1)."""
 
@@ -53,9 +69,13 @@ class WsClient:
         connect_timeout: float,
         on_sent: Callable[[bool], None],
     ):
-        pool, config = self.http.pool, ROUTE.get().websocket
+        pool, route = self.http.pool, ROUTE.get()
+        bridge = route.websocket is None  # an HTTP client: the answer is read as SSE
+        config = route.websocket_upstream if bridge else route.websocket
         forward = CIMultiDict(
-            (k, v) for k, v in headers.items() if not k.lower().startswith("sec-websocket-")
+            (k, v)
+            for k, v in headers.items()
+            if not k.lower().startswith("sec-websocket-") and k.lower() not in _REQUEST_BODY
         )
         for name, value in pool.headers:
             forward[name] = value
@@ -68,7 +88,7 @@ class WsClient:
                 protocols=protocols,
                 headers=forward,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=connect_timeout),
-                autoclose=False,  # a close is answered once both sides have been told
+                autoclose=bridge,  # a session's close is answered once both sides know
                 autoping=True,  # pings are answered per hop
                 max_msg_size=config.max_message_size,
                 compress=0,  # messages are relayed as they come, never recompressed
@@ -83,6 +103,14 @@ class WsClient:
             raise UpstreamConnectError(message, refused=refused) from exc
         finally:
             REQUEST_SENT.reset(sent)
+        if bridge:
+            response = SseOverWs(ws, config)
+            try:
+                await ws.send_frame(body, aiohttp.WSMsgType.TEXT)  # the request: one message
+            except BaseException:
+                response.close()
+                raise
+            return response
         return WsResponse(ws, Messages(end_test(config.answer_end)))
 
 
@@ -163,3 +191,51 @@ class WsResponse:
         # upstream sees the session end at once.
         self.ws._response.close()
         self.ws._writer.transport.close()
+
+
+class SseOverWs:
+    """An open upstream WebSocket read as an SSE body (see the module's docstring)."""
+
+    status = 200
+    headers = _SSE_HEADERS
+    send = None  # one request, one answer: nothing more goes upstream
+    __slots__ = ("ws", "framing", "_ends", "_done", "_ended")
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, config: WebSocketUpstream) -> None:
+        self.ws = ws
+        self.framing = Sse()
+        self._ends = end_test(config.answer_end)
+        self._done = DONE_EVENT if config.done_event else b""
+        self._ended = False
+
+    async def read(self) -> bytes:
+        if self._ended:
+            if not self.ws.closed:  # after the end message: a clean close, then the end
+                await self.ws.close()
+            return b""
+        msg = await self.ws.receive()
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            payload = msg.data.encode()
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            payload = msg.data
+        else:
+            return self._closed(msg)
+        ended = self._ended = self._ends(payload)
+        if b"\n" in payload or b"\r" in payload:
+            payload = b"\ndata: ".join(payload.splitlines())
+        event = b"data: " + payload + b"\n\n"
+        return event + self._done if ended else event
+
+    def _closed(self, msg: aiohttp.WSMessage) -> bytes:
+        self._ended = True
+        if msg.type is aiohttp.WSMsgType.CLOSE and msg.data == messages.NORMAL:
+            return self._done  # the upstream's own clean end
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            what = f"closed the WebSocket with {msg.data} {msg.extra or ''}".rstrip()
+        else:
+            what = f"lost the WebSocket ({msg.data or msg.type.name})"
+        # Never a clean end: the engine reads this as a cut (a reset before the commit point).
+        raise aiohttp.ServerDisconnectedError(f"upstream {what} before its end message")
+
+    release = WsResponse.release
+    close = WsResponse.close

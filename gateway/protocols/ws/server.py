@@ -64,8 +64,7 @@ class WsInbound:
     async def admitted(self, route: Route) -> None:
         config = self.sink.config = route.websocket
         if config.upstream == "websocket":
-            self.ctx.upstream_protocol = "websocket"
-            return
+            return  # the client is upgraded once an upstream has accepted the session
         await self.sink.accept()
         await self._read_first_message()
 
