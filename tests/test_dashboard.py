@@ -195,6 +195,9 @@ def _titled(fragment: str) -> dict:
         ("Tokens per second by route", "streamgate_tokens_total"),
         ("Output tokens per second per stream", "streamgate_output_tokens_per_second_bucket"),
         ("Shared state (Redis) up", "streamgate_shared_state_up"),
+        ("Active WebSocket sessions", "streamgate_active_websocket_sessions"),
+        ("WebSocket session endings", "streamgate_websocket_sessions_total"),
+        ("WebSocket messages per second", "streamgate_websocket_messages_total"),
     ],
 )
 def test_each_promised_panel_is_there(title, metric):

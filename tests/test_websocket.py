@@ -161,7 +161,26 @@ async def test_streaming_answers_arrive_in_order(start_gateway, ws_upstream, cli
                 (listed,) = (await resp.json())["streams"]  # listed like a stream
             assert (listed["route"], listed["protocol"]) == ("r", "websocket")
             assert (listed["messages_in"], listed["chunks"]) == (2, 6)
+            live = await session_metrics(client, gw)  # counted while the session runs
     await gauges_return_to_zero(client, gw, "slots")
+    ended = await session_metrics(client, gw)
+    assert live == {
+        'streamgate_active_websocket_sessions{route="r"}': 1.0,
+        'streamgate_websocket_messages_total{direction="client_to_upstream",route="r"}': 2.0,
+        'streamgate_websocket_messages_total{direction="upstream_to_client",route="r"}': 6.0,
+    }
+    assert ended == {
+        'streamgate_websocket_messages_total{direction="client_to_upstream",route="r"}': 2.0,
+        'streamgate_websocket_messages_total{direction="upstream_to_client",route="r"}': 6.0,
+        'streamgate_websocket_sessions_total{outcome="completed",route="r"}': 1.0,
+    }  # the client's own close completes a session
+
+
+async def session_metrics(client, gw) -> dict[str, float]:
+    async with client.get(gw.admin_url + "/metrics") as resp:
+        lines = (await resp.text()).splitlines()
+    samples = (line.rsplit(" ", 1) for line in lines if line.startswith("streamgate_"))
+    return {name: float(v) for name, v in samples if "websocket" in name and "created" not in name}
 
 
 async def test_failed_handshake_falls_back(start_gateway, ws_upstream, upstream, client):

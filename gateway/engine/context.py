@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from gateway.config.routes import Route
+from gateway.engine import messages
 from gateway.observe.spans import RequestTrace
 from gateway.observe.tracing import NULL_TRACE, NullTrace
 
@@ -109,6 +110,12 @@ class RequestContext:
         self.session = None
         """A two-way session's client half (`duplex.ClientHalf`), shared by its tries and
         its relay; None for a one-way request."""
+
+    def client_gone(self) -> None:
+        """The client went away: counted as 499 and `client_disconnect`, unless it was a
+        session's client that closed it on purpose first (the session is complete)."""
+        if not messages.closed_on_purpose(self.client_closed):
+            self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
 
     @property
     def route_name(self) -> str:

@@ -63,6 +63,15 @@ def split(data: bytes):
         at = start + length
 
 
+def closed_on_purpose(close: tuple[int, str] | None) -> bool:
+    """Whether a session's client ended it with a close of its own (normal, going away, or
+    an application's code): the session is complete, not a client gone. None: no close."""
+    if close is None:
+        return False
+    code = close[0]
+    return code in (NORMAL, GOING_AWAY) or 3000 <= code <= 4999
+
+
 def last_data(data: bytes, end: int) -> bytes | None:
     """The payload of the last text or binary envelope in `data[:end]` (whole envelopes)."""
     found = None

@@ -25,7 +25,7 @@ from typing import Protocol
 from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
 from gateway.engine.attempts import open_stream
-from gateway.engine.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.context import RequestContext
 from gateway.engine.duplex import ClientHalf
 from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
@@ -99,7 +99,7 @@ class Proxy:
             ctx.status, ctx.outcome, ctx.error_kind = err.status, err.outcome, err.condition
             await sink.refuse(err)
         except asyncio.CancelledError:  # the client went away
-            ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
+            ctx.client_gone()
             raise
         except Exception as exc:  # the last line of defence: a bug of ours
             await _internal_error(ctx, exc, sink)

@@ -16,7 +16,7 @@ import asyncio
 
 from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
-from gateway.engine.context import CLIENT_CLOSED, RequestContext
+from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, Sink
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
@@ -44,7 +44,7 @@ async def relay(
         await pump.let_go(clean=False)  # the upstream stops now, however slow the client is
         await pump.end_visibly(err)
     except ConnectionResetError:  # the client went away while we wrote to it
-        ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
+        ctx.client_gone()
     finally:
         await pump.let_go(clean)
 

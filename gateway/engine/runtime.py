@@ -78,10 +78,12 @@ class Runtime:
     def stream_started(self, ctx: RequestContext) -> None:
         self.streams.add(ctx)
         self.metrics.child(self.metrics.active_streams, ctx.route_name).inc()
+        self.metrics.sessions.opened(ctx)
 
     def stream_ended(self, ctx: RequestContext) -> None:
         self.streams.discard(ctx)
         self.metrics.child(self.metrics.active_streams, ctx.route_name).dec()
+        self.metrics.sessions.closed(ctx)
 
     def observe(self, ctx: RequestContext) -> None:
         """Called once per request, however it ended: metrics and the access log line."""
@@ -91,6 +93,7 @@ class Runtime:
         ).inc()
         if ctx.outcome == "client_disconnect":
             m.child(m.client_disconnects, route).inc()
+        m.sessions.observe(ctx, route)
         if ctx.first_chunk_at is not None:  # committed: it was a stream (or a whole answer)
             now = asyncio.get_running_loop().time()
             m.child(m.time_to_first_chunk, route, upstream).observe(

@@ -28,3 +28,7 @@ class ObservedRequest(Protocol):
     route: Any
     """The route config it matched (None before routing)."""
     usage: tuple[int, int] | None
+    protocol: str
+    """The client's: "http", or "websocket" for a session."""
+    messages_in: int
+    """Messages a session's client sent upstream."""

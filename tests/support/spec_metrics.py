@@ -39,5 +39,8 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_token_budget_reserved_tokens_total",
         "streamgate_token_budget_settled_tokens_total",
         "streamgate_token_budget_refused_total",
+        "streamgate_active_websocket_sessions",
+        "streamgate_websocket_sessions_total",
+        "streamgate_websocket_messages_total",
     }
 )
