@@ -50,6 +50,14 @@ def routes_yaml(count: int = 1, shape: str = "paths") -> str:
     return "routes:\n" + "".join(routes)
 
 
+def with_websocket_route(routes: str) -> str:
+    """`routes` and one more that passes WebSocket sessions on /v1/chat/completions through
+    to fake-llm's WebSocket endpoint (only upgrades match it, so its place does not matter)."""
+    return routes + _route("ws", {"path": "/v1/chat/completions"}) + (
+        "    websocket: {answer_end: finish_reason, idle: 5m}\n"
+    )
+
+
 def gateway_yaml(
     upstream_url: str, telemetry: dict | None = None, routes: str | None = None
 ) -> str:

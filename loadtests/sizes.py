@@ -44,6 +44,13 @@ class Sizes:
     # 7. chaos: per-request upstream faults x client behaviours (tests/support/chaos.py)
     chaos_requests: int = 2400
     chaos_concurrency: int = 200
+    # 8. WebSocket beside SSE: CPU per relayed message, and disconnect -> upstream close
+    ws_sessions: int = 256  # concurrent sessions (and SSE streams), each `ws_repeats` answers
+    ws_tokens: int = 64
+    ws_interval_s: float = 0.02
+    ws_repeats: int = 3
+    ws_rounds: int = 3
+    ws_disconnect_tries: int = 30
     # every load phase
     timeout_s: float = 120.0
     quiet_wait_s: float = 30.0  # before each scenario, wait up to this long for a quiet machine
@@ -70,6 +77,11 @@ QUICK = Sizes(
     routing_levels=(10, 100),
     routing_requests=300,
     routing_match_calls=2000,
+    ws_sessions=32,
+    ws_tokens=16,
+    ws_repeats=2,
+    ws_rounds=1,
+    ws_disconnect_tries=5,
     timeout_s=30.0,
     quiet_wait_s=0.0,
 )
