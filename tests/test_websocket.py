@@ -228,6 +228,30 @@ async def test_failure_before_the_first_upstream_message_fails_over_with_replay(
     await gauges_return_to_zero(client, gw, "slots")
 
 
+async def test_a_refused_upgrade_after_the_client_is_connected_fails_over_too(
+    start_gateway, ws_upstream, upstream, client
+):
+    """Silent primary, then a fallback that answers the upgrade with 503, then one that
+    answers: the question goes to the third, the client never saw the 503."""
+    upstream.script(Respond(status=503, body=b"busy"))
+    route = FAILOVER.replace("fallbacks: [good]", "fallbacks: [busy, good]")
+    async with WsUpstream(behaviour="/silent") as primary:
+        gw = await gateway(
+            start_gateway,
+            primary.url,
+            route,
+            extra_upstreams=http_upstream("busy", upstream.url)
+            + http_upstream("good", ws_upstream.url),
+        )
+        async with asyncio.timeout(5):
+            async with websockets.connect(ws_url(gw, "/echo")) as ws:
+                await ws.send("question")
+                assert await ws.recv() == "question"
+    assert len(upstream.requests) == 1
+    assert ws_upstream.received == ["question"]
+    await gauges_return_to_zero(client, gw, "slots")
+
+
 async def test_messages_past_the_replay_buffer_wait_and_none_is_lost(
     start_gateway, ws_upstream, client
 ):
