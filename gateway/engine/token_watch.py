@@ -53,7 +53,7 @@ class TokenWatch:
         if self.produced > self.cap or self.reported > self.cap:
             produced = max(self.produced, self.reported)
             raise TokenCapExceeded(
-                f"the stream produced {produced} tokens, over its cap of {self.cap:g} "
+                f"the stream produced {produced} tokens, over its cap of {self.cap} "
                 "(max_tokens_per_stream)"
             )
         return frames
