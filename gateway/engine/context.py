@@ -104,6 +104,7 @@ class RequestContext:
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
         self.trace: RequestTrace | NullTrace = NULL_TRACE
+        """This request's spans; the shared no-op when tracing is off."""
         self.protocol = "http"
         """The client's protocol: "http", or "websocket" for a session."""
         self.upstream_protocol = "http"
@@ -112,7 +113,6 @@ class RequestContext:
         """Messages the client sent upstream during a two-way session."""
         self.client_closed: tuple[int, str] | None = None
         """A session's client closed it: (code, reason)."""
-        """This request's spans; the shared no-op when tracing is off."""
 
     @property
     def route_name(self) -> str:
