@@ -175,6 +175,16 @@ class SlowClient(GatewayError):
     outcome = "slow_client"
 
 
+class TokenCapExceeded(GatewayError):
+    """A stream produced more than its token budget's `max_tokens_per_stream`: the gateway
+    ended it (after the commit point, so only ever as a visible end, never a status)."""
+
+    status = 429
+    type = "token_cap_exceeded"
+    condition = "token_cap_exceeded"
+    outcome = "token_cap_exceeded"
+
+
 class PoolExhausted(GatewayError):
     """Every one of an upstream's `max_connections` stayed busy for the route's `timeouts.queue`:
     the request waited for the gateway's own capacity, not for a slow backend."""

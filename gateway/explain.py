@@ -12,6 +12,7 @@ from gateway.config.loader import load_config
 from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
 from gateway.config.routes import AnswerEnd, FramingConfig, Route
 from gateway.engine.routing import RequestFacts, Router
+from gateway.engine.usage_request import asks_for_usage
 from gateway.errors import ConfigErrors
 from gateway.protocols.http.target import BadTarget, parse_target
 
@@ -91,13 +92,15 @@ def explain_lines(
     stream = stream or chosen.websocket is not None or chosen.websocket_upstream is not None
     kind = "websocket session (charged as a stream)" if chosen.websocket else None
     lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
-    lines.extend(_limit_lines(config, chosen, stream, body))
+    lines.extend(_limit_lines(config, chosen, stream, body, facts.path))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
     return lines
 
 
-def _limit_lines(config: GatewayConfig, route: Route, stream: bool, body: str | None) -> list[str]:
+def _limit_lines(
+    config: GatewayConfig, route: Route, stream: bool, body: str | None, path: str
+) -> list[str]:
     if not route.limits:
         return ["limits: none"]
     lines = ["limits (rate limits, then token budgets, then concurrency, each in route order):"]
@@ -105,7 +108,7 @@ def _limit_lines(config: GatewayConfig, route: Route, stream: bool, body: str | 
         if name in config.limits.rate:
             r = config.limits.rate[name]
             lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({r.scope})")
-    lines.extend(_budget_lines(config, route, body))
+    lines.extend(_budget_lines(config, route, body, path))
     for name in route.limits:
         if name in config.limits.concurrency:
             c = config.limits.concurrency[name]
@@ -117,7 +120,9 @@ def _limit_lines(config: GatewayConfig, route: Route, stream: bool, body: str | 
     return lines
 
 
-def _budget_lines(config: GatewayConfig, route: Route, body: str | None) -> list[str]:
+def _budget_lines(
+    config: GatewayConfig, route: Route, body: str | None, route_path: str
+) -> list[str]:
     raw = (body or "").encode()
     try:
         payload = json.loads(raw) if raw else None
@@ -129,11 +134,19 @@ def _budget_lines(config: GatewayConfig, route: Route, body: str | None) -> list
         if (b := config.limits.tokens.get(name)) is not None:
             prompt, completion = estimate(request, b)
             reserve = min(prompt + completion, b.tokens)
+            cap = b.max_tokens_per_stream
             lines.append(
                 f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} ({b.scope}); "
                 f"reserves {reserve} (prompt ~{prompt} + completion {completion}, capped at the "
                 "budget), settled to the upstream's usage when the request ends"
+                + ("" if cap is None else f"; a stream is ended past {cap} completion tokens "
+                   "(max_tokens_per_stream)")
             )
+    if lines and asks_for_usage(route_path, request.json):
+        lines.append(
+            "  the client did not ask for stream usage: the gateway asks the upstream for usage "
+            "(stream_options.include_usage) and does not relay the usage-only event"
+        )
     return lines
 
 

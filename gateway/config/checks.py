@@ -197,6 +197,8 @@ def _limits(cfg: GatewayConfig) -> Problems:
         yield from at_least(f"{path}.default_max_tokens", budget.default_max_tokens, 0)
         yield from at_least(f"{path}.bytes_per_token", budget.bytes_per_token, 1)
         yield from at_least(f"{path}.max_keys", budget.max_keys, 1)
+        if budget.max_tokens_per_stream is not None:
+            yield from at_least(f"{path}.max_tokens_per_stream", budget.max_tokens_per_stream, 1)
 
 
 def _weight(path: str, weight: int, capacity: int) -> Problems:

@@ -47,6 +47,8 @@ class RequestContext:
         "deadline",
         "rate_remaining",
         "token_budget",
+        "token_cap",
+        "hide_usage",
         "usage",
         "abort",
         "trace",
@@ -93,6 +95,12 @@ class RequestContext:
         self.token_budget: tuple[int, int, float] | None = None
         """(size, remaining, seconds until full) of the tightest token budget charged, for
         x-ratelimit-*-tokens headers."""
+        self.token_cap: int | None = None
+        """Completion tokens this stream may produce (the smallest `max_tokens_per_stream` of
+        the token budgets charged), or None."""
+        self.hide_usage = False
+        """The gateway asked the upstream for stream usage the client did not ask for: the
+        usage-only event is not relayed (`engine/usage_request.py`)."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens, where the upstream reported `usage`."""
         self.abort = None

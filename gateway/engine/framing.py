@@ -79,6 +79,11 @@ class Framing:
         """(prompt, completion) tokens from the frames that mentioned `usage`."""
         return None
 
+    def drop_usage_only(self, frames: bytes) -> tuple[bytes, int]:
+        """`frames` without those that carry nothing but usage (what an OpenAI stream adds
+        when asked for it), and how many were dropped."""
+        return frames, 0
+
     def ended(self, tail: bytes) -> GatewayError | None:
         """Judge the body's end, `tail` being bytes after the last complete frame (relayed
         as sent when this returns None)."""
@@ -147,6 +152,9 @@ class Sse(Framing):
 
     def usage(self, frames: bytes) -> tuple[int, int] | None:
         return usage.from_sse(frames, self.sep)
+
+    def drop_usage_only(self, frames: bytes) -> tuple[bytes, int]:
+        return usage.drop_usage_only(frames, self.sep or sse.LF_SEPARATOR)
 
 
 class Truss(Framing):

@@ -2,9 +2,11 @@
 
     read    the protocol reads the request (bounded) so retries can replay it
     route   first matching rule in file order (404)
-    admit   rate limits, then concurrency (429 / 503); held until the last byte is written
-            (a protocol that reads its request only after accepting the connection, as a
-            WebSocket bridge reads its first message, does it here: `Inbound.admitted`)
+    admit   rate limits, token budgets, then concurrency (429 / 503); held until the last
+            byte is written (a protocol that reads its request only after accepting the
+            connection, as a WebSocket bridge reads its first message, does it here:
+            `Inbound.admitted`); a stream a budget charged asks the upstream for its usage
+            (`usage_request.py`), once, so every try sends the same body
     open    the upstream, retrying and falling back until the commit point (attempts.py)
     relay   commit the status and headers, then stream with backpressure (relay.py)
 
@@ -31,6 +33,7 @@ from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
 from gateway.engine.routing import RequestFacts, upstream_protocol
 from gateway.engine.runtime import Runtime
+from gateway.engine.usage_request import ask_for_usage
 from gateway.errors import Draining, GatewayError, InternalError, NoRoute
 
 log = logging.getLogger("streamgate")
@@ -86,6 +89,8 @@ class Proxy:
             ctx.deadline = ctx.started + route.timeouts.total
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)
+                if ctx.token_budget is not None:  # a token budget charged it
+                    ask_for_usage(ctx)
                 headers = inbound.upstream_headers()
                 if sink.receive is not None:  # a two-way session: its client half
                     ctx.session = ClientHalf(sink, ctx, route.websocket.replay_buffer)

@@ -7,7 +7,8 @@ always visibly, as the framing says (an SSE `event: error` and a close, never an
 Backpressure: frames go from the upstream's reads straight to the sink, whose own write buffer
 is the bounded buffer between them. When it holds `buffer.chunks` chunks or `buffer.bytes`
 bytes, the pump stops reading until the client has drained it, so TCP backpressure reaches the
-backend and memory per stream stays bounded. Deadlines are the `StreamClock`'s.
+backend and memory per stream stays bounded. Deadlines are the `StreamClock`'s. A stream a
+token budget watches (`token_watch.py`) has its frames filtered and counted before each write.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.config.routes import Route
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, Sink
+from gateway.engine.token_watch import hide_in_whole_answer, token_watch
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
 from gateway.observe.metrics import ChunkGapHistogram, Metrics
@@ -30,7 +32,10 @@ async def relay(
     if opened.status >= 400:
         ctx.outcome = "upstream_error"  # an upstream's error answer, relayed as sent
     if opened.complete:
-        ctx.usage = usage.from_body(opened.head)
+        if ctx.hide_usage:
+            hide_in_whole_answer(ctx, opened, route)
+        else:
+            ctx.usage = usage.from_body(opened.head)
         await sink.send_whole(opened)
         ctx.first_chunk_at = asyncio.get_running_loop().time()
         ctx.chunks, ctx.bytes = 1, len(opened.head)
@@ -60,6 +65,7 @@ class _Pump:
 
     __slots__ = (
         "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "two_way",
+        "watch",
     )
 
     def __init__(
@@ -77,6 +83,8 @@ class _Pump:
         idle = route.websocket.idle if self.two_way and route.websocket else None
         self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
         ctx.abort = self.clock.fire
+        self.watch = token_watch(ctx, self.framing)
+        """Hides asked-for usage and enforces a token cap; None for most streams."""
 
     async def run(self) -> None:
         try:
@@ -105,6 +113,11 @@ class _Pump:
         head = self.opened.head
         end = cut(head)
         data, tail = head[:end], head[end:]
+        if watch_usage and b'"usage"' in data:
+            usage_frames = data  # as the upstream sent them, for settlement
+        watch = self.watch
+        if watch is not None:
+            data = watch.first(data)
         await sink.commit(self.opened, data)
         ctx.first_chunk_at = time()
         clock.answering = framing.answering
@@ -112,8 +125,6 @@ class _Pump:
             ctx.session.commit(clock.ask)  # the client's messages: no more replays
         write, closing, buffered = sink.write, sink.closing, sink.buffered
         ctx.chunks, ctx.bytes = framing.frames, len(data)
-        if watch_usage and b'"usage"' in data:
-            usage_frames = data
         arrived = clock.since = time()
         try:
             while data := await read():
@@ -134,11 +145,13 @@ class _Pump:
                 clock.answering = framing.answering
                 if closing():
                     raise ConnectionResetError("the client went away")
+                if watch_usage and b'"usage"' in data:
+                    usage_frames = data
+                if watch is not None and not (data := watch(data)):
+                    continue  # nothing left to relay: the usage-only event the gateway asked for
                 write(data)
                 ctx.chunks += framing.frames
                 ctx.bytes += len(data)
-                if watch_usage and b'"usage"' in data:
-                    usage_frames = data
                 if buffered():
                     await self._hold_back()
                 elif ctx.buffered_chunks:
