@@ -93,6 +93,33 @@ def explain_lines(
     lines.extend(_limit_lines(config, chosen, stream, body))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
+    lines.extend(_rescue_lines(config, chosen))
+    return lines
+
+
+def _rescue_lines(config: GatewayConfig, route: Route) -> list[str]:
+    hedge, resume = route.hedge, route.resume
+    if hedge is None:
+        lines = ["hedge: off (a slow first chunk waits for first_chunk, then falls back)"]
+    else:
+        lines = [
+            f"hedge: after {hedge.after:g}s with no content, the next try (another endpoint, "
+            f"else the next fallback) starts beside it; up to {hedge.max_extra} per request, "
+            f"within {hedge.budget_percent}% of the route's requests of the last 10s; the "
+            "first with content wins, the others are closed; admission charges the request once"
+        ]
+    if resume is None:
+        lines.append("resume: off (a stream that breaks after its first content ends visibly)")
+        return lines
+    hops = [route.upstream] + [f.upstream for f in route.fallbacks]
+    dialects = ", ".join(f"{name} {config.upstreams[name].prefill}" for name in hops)
+    lines.append(
+        f"resume: SSE chat completions broken by [{', '.join(resume.on)}], up to {resume.max} "
+        f"per request, on the next try (another endpoint, else the next fallback); text kept "
+        f"up to {resume.max_prefix_bytes} bytes; prefill by upstream: {dialects} (none, or "
+        "refused: asked again and spliced only if it begins with the text sent, else an error "
+        "event)"
+    )
     return lines
 
 

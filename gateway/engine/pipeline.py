@@ -5,8 +5,10 @@
     admit   rate limits, then concurrency (429 / 503); held until the last byte is written
             (a protocol that reads its request only after accepting the connection, as a
             WebSocket bridge reads its first message, does it here: `Inbound.admitted`)
-    open    the upstream, retrying and falling back until the commit point (attempts.py)
-    relay   commit the status and headers, then stream with backpressure (relay.py)
+    open    the upstream, retrying, hedging and falling back until the commit point
+            (attempts.py)
+    relay   commit the status and headers, then stream with backpressure (relay.py); a
+            broken stream may be resumed through the same tries (resume.py)
 
 Errors before the commit point are handed to the protocol's sink here, and only here. A client
 that goes away cancels the task serving it, which unwinds every stage: its admission is
@@ -24,7 +26,7 @@ from typing import Protocol
 
 from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
-from gateway.engine.attempts import open_stream
+from gateway.engine.attempts import Attempts
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.exchange import Sink
 from gateway.engine.relay import relay
@@ -85,10 +87,12 @@ class Proxy:
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)
                 headers = inbound.upstream_headers()
-                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
+                budget = runtime.hedge_budgets.get(route.name)
+                tries = Attempts(ctx, route, runtime.pools, headers, runtime.metrics, budget)
+                opened = await tries.open()
                 runtime.stream_started(ctx)
                 try:
-                    await relay(sink, ctx, opened, route, runtime.metrics)
+                    await relay(sink, ctx, opened, route, runtime.metrics, tries)
                 finally:
                     runtime.stream_ended(ctx)
         except GatewayError as err:

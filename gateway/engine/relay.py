@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from gateway.config.routes import Route
+from gateway.engine.attempts import Attempts
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.duplex import start_forwarding, stop_forwarding
@@ -25,7 +26,12 @@ from gateway.observe.metrics import ChunkGapHistogram, Metrics
 
 
 async def relay(
-    sink: Sink, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
+    sink: Sink,
+    ctx: RequestContext,
+    opened: Opened,
+    route: Route,
+    metrics: Metrics,
+    tries: Attempts | None = None,
 ) -> None:
     ctx.status = opened.status
     if opened.status >= 400:

@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from gateway.observe.budget_metrics import BudgetMetrics
 from gateway.observe.genai_metrics import GenAIMetrics
+from gateway.observe.rescue_metrics import RescueMetrics
 
 NO_NAME = "none"
 """The `route` or `upstream` label of a request refused before one was chosen (404, 413, 429,
@@ -254,6 +255,7 @@ class Metrics:
             registry=r,
         )
         self.budgets = BudgetMetrics(r)
+        self.rescue = RescueMetrics(r)
         r.register(StateCollector(runtime))
         self.genai = GenAIMetrics(r)
         """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""
