@@ -14,11 +14,14 @@ import time
 import openai
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
+from opentelemetry import trace as otel
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gateway.config.loader import load_config_text
 from gateway.engine.hedge import WINDOW_S, HedgeBudget
 from gateway.engine.routing import RequestFacts
 from gateway.explain import explain_lines
+from gateway.observe.tracing import Tracing
 from tests.conftest import config_yaml
 from tests.support.fake_llm_server import answer, fake_llm
 
@@ -153,6 +156,28 @@ async def test_a_spent_budget_waits_for_the_first_try_instead(start_gateway):
         assert _metric(gw, "streamgate_hedges_over_budget_total", route="r") == 1
         assert (fast.stats.completions_started, slow.stats.streams_completed) == (1, 1)
         await _nothing_held(gw)
+
+
+async def test_the_trace_shows_the_hedge_and_the_try_it_beat(start_gateway):
+    exporter = InMemorySpanExporter()
+    async with fake_llm(ttft=20) as slow, fake_llm() as fast:
+        gw = await start_gateway(_config(slow.url, fast.url, "{after: 100ms}"))
+        gw.runtime.tracing = Tracing.exporting_to(exporter, batch=False)
+        await _stream(gw)
+        await _nothing_held(gw)
+        gw.runtime.tracing.shutdown()
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind is otel.SpanKind.SERVER]
+    first, hedge = sorted(
+        (s for s in spans if s.kind is otel.SpanKind.CLIENT),
+        key=lambda s: s.attributes["streamgate.attempt"],
+    )
+    assert [e.name for e in server.events] == ["hedge", "first_chunk"]
+    assert server.events[0].attributes["streamgate.after_s"] == pytest.approx(0.1)
+    keys = ("streamgate.upstream", "streamgate.try", "streamgate.outcome")
+    assert [first.attributes[k] for k in keys] == ["up", "first", "hedge_lost"]
+    assert [hedge.attributes[k] for k in keys] == ["backup", "hedge", "ok"]
+    assert first.status.status_code is otel.StatusCode.UNSET  # losing a race is no error
 
 
 def test_the_budget_is_a_share_of_the_requests_of_the_last_window():

@@ -223,6 +223,7 @@ class Attempts:
                 metrics.child(metrics.upstream_attempts, t.upstream, "hedge_lost").inc()
             raise
         span.answered(opened.status)
+        opened.tried = t
         t.result = "ok" if opened.status < 400 else str(opened.status)
         outcome = "ok" if opened.status < 400 else "upstream_error"
         metrics.child(metrics.upstream_attempts, t.upstream, outcome).inc()

@@ -20,6 +20,7 @@ from gateway.engine.clock import StreamClock
 from gateway.engine.context import CLIENT_CLOSED, RequestContext
 from gateway.engine.duplex import start_forwarding, stop_forwarding
 from gateway.engine.exchange import Opened, Sink
+from gateway.engine.resume import Resumer
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
 from gateway.observe.metrics import ChunkGapHistogram, Metrics
@@ -33,6 +34,8 @@ async def relay(
     metrics: Metrics,
     tries: Attempts | None = None,
 ) -> None:
+    """Relay `opened` to the client; `tries` (the request's attempt loop) lets a route with
+    `resume:` continue a broken stream (resume.py)."""
     ctx.status = opened.status
     if opened.status >= 400:
         ctx.outcome = "upstream_error"  # an upstream's error answer, relayed as sent
@@ -42,7 +45,8 @@ async def relay(
         ctx.first_chunk_at = asyncio.get_running_loop().time()
         ctx.chunks, ctx.bytes = 1, len(opened.head)
         return
-    pump = _Pump(sink, ctx, opened, route, metrics)
+    resumer = Resumer.start(ctx, route, opened, tries, metrics)
+    pump = _Pump(sink, ctx, opened, route, metrics, resumer)
     clean = False
     try:
         await pump.run()
@@ -54,7 +58,7 @@ async def relay(
     finally:
         pump.clock.stop()
         await stop_forwarding(pump.forwarding)
-        opened.finish(clean)
+        pump.opened.finish(clean)
 
 
 class _Pump:
@@ -63,21 +67,29 @@ class _Pump:
     Only whole frames are written (the framing's `cut`), so an error frame never lands inside
     another. The only await per chunk is the upstream read: writes never wait unless the sink
     holds more than the route's buffer (`_hold_back`), and the clock's phase only changes in
-    that slow path.
+    that slow path. With a resumer, each read's whole frames also pass through it.
     """
 
     __slots__ = (
         "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "forwarding",
-        "two_way",
+        "two_way", "resumer", "committed",
     )
 
     def __init__(
-        self, sink: Sink, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
+        self,
+        sink: Sink,
+        ctx: RequestContext,
+        opened: Opened,
+        route: Route,
+        metrics: Metrics,
+        resumer: Resumer | None = None,
     ) -> None:
         self.sink = sink
         self.ctx = ctx
         self.opened = opened
+        """The upstream answer being relayed: a continuation once a resume took over."""
         self.framing = opened.framing
+        """The client stream's framing (its error frame, its keepalive)."""
         self.route = route
         self.metrics = metrics
         self.gaps = metrics.chunk_gap.for_route(route.name)
@@ -87,41 +99,88 @@ class _Pump:
         self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
         self.forwarding: asyncio.Task | None = None
         """A two-way session's client-to-upstream half (`duplex.py`), once committed."""
+        self.resumer = resumer
+        self.committed = False
         ctx.abort = self.clock.fire
 
     async def run(self) -> None:
-        try:
-            await self._pump()
-        except asyncio.CancelledError:
-            reason = self.clock.reason
-            if reason is None:
-                raise  # the client went away: the protocol cancelled the handler
-            asyncio.current_task().uncancel()
-            raise reason from None
-        except (ConnectionResetError, GatewayError):
-            raise  # writing to a client that is gone; or a verdict already made
-        except Exception as exc:  # the upstream side broke mid-body
-            raise UpstreamReset(
-                f"upstream {self.ctx.upstream!r} broke off the stream: {exc}"
-            ) from exc
+        while True:
+            try:
+                tail = await self._pump()
+            except asyncio.CancelledError:
+                reason = self.clock.reason
+                if reason is None:
+                    raise  # the client went away: the protocol cancelled the handler
+                asyncio.current_task().uncancel()
+                err = reason
+            except ConnectionResetError:
+                raise  # writing to a client that is gone
+            except GatewayError as verdict:
+                err = verdict
+            except Exception as exc:  # the upstream side broke mid-body
+                err = UpstreamReset(f"upstream {self.ctx.upstream!r} broke off the stream: {exc}")
+            else:
+                if self.resumer is None or not self.resumer.was_cut():
+                    return await self._finish(tail)
+                if not await self._resumed("cut"):
+                    return await self._finish(tail)  # as sent: nothing is invented
+                continue
+            if not await self._resumed(err.condition):
+                raise err
 
-    async def _pump(self) -> None:
-        ctx, clock, sink, framing = self.ctx, self.clock, self.sink, self.framing
+    async def _resumed(self, condition: str) -> bool:
+        """Whether another try took over the broken stream (resume.py)."""
+        resumer, clock = self.resumer, self.clock
+        if resumer is None or not resumer.can_resume(condition):
+            return False
+        clock.pause()  # the continuation's first chunk has its own bound
+        self.opened.finish(clean=False)  # closed before another backend is asked
+        try:
+            opened = await resumer.resume(condition, self.opened)
+        except asyncio.CancelledError:
+            reason = clock.reason
+            if reason is None:
+                raise
+            asyncio.current_task().uncancel()
+            raise reason from None  # shutdown while asking
+        if opened is None:
+            return False
+        self.opened = opened
+        clock.restart()
+        return True
+
+    async def _pump(self) -> bytes:
+        """Relay the current upstream answer to its end; the bytes after its last frame."""
+        ctx, clock, sink, opened = self.ctx, self.clock, self.sink, self.opened
+        framing = opened.framing
         cut = framing.cut
-        read = self.opened.response.read
+        read = opened.response.read if opened.response is not None else _ended
+        watch = self.resumer.watch if self.resumer is not None else None
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
         watch_usage = framing.watches_usage
         usage_frames = b""
-        head = self.opened.head
+        head = opened.head
         end = cut(head)
         data, tail = head[:end], head[end:]
-        await sink.commit(self.opened, data)
-        ctx.first_chunk_at = time()
-        if self.two_way:
-            self.forwarding = start_forwarding(sink, self.opened.response, clock, ctx)
-        write, closing, buffered = sink.write, sink.closing, sink.buffered
-        ctx.chunks, ctx.bytes = framing.frames, len(data)
+        if watch is not None:
+            data = watch(data)
+        if not self.committed:
+            await sink.commit(opened, data)
+            self.committed = True
+            ctx.first_chunk_at = time()
+            if self.two_way:
+                self.forwarding = start_forwarding(sink, opened.response, clock, ctx)
+            ctx.chunks, ctx.bytes = framing.frames, len(data)
+            write, closing, buffered = sink.write, sink.closing, sink.buffered
+        else:  # a continuation (resume.py)
+            write, closing, buffered = sink.write, sink.closing, sink.buffered
+            if data:
+                if closing():
+                    raise ConnectionResetError("the client went away")
+                write(data)
+                ctx.chunks += framing.frames
+                ctx.bytes += len(data)
         if watch_usage and b'"usage"' in data:
             usage_frames = data
         arrived = clock.since = time()
@@ -141,6 +200,8 @@ class _Pump:
                     data, tail = data[:end], data[end:]
                 else:
                     tail = b""
+                if watch is not None and not (data := watch(data)):
+                    continue
                 if closing():
                     raise ConnectionResetError("the client went away")
                 write(data)
@@ -156,12 +217,15 @@ class _Pump:
             # On every exit (a cut stream, a client gone) so token budgets settle to the
             # usage seen so far; parsed once here, not per chunk.
             if usage_frames:
-                ctx.usage = framing.usage(usage_frames)
+                ctx.usage = self.framing.usage(usage_frames)
         truncated = framing.ended(tail)
         if truncated is not None:
             raise truncated
-        await sink.finish(tail)  # an SSE tail is relayed as sent: nothing is invented
-        ctx.bytes += len(tail)
+        return tail
+
+    async def _finish(self, tail: bytes) -> None:
+        await self.sink.finish(tail)  # an SSE tail is relayed as sent: nothing is invented
+        self.ctx.bytes += len(tail)
 
     async def _hold_back(self) -> None:
         """The sink has bytes waiting: count the chunk, and past the route's buffer stop
@@ -186,3 +250,8 @@ class _Pump:
         self.ctx.outcome = err.outcome
         self.ctx.error_kind = err.condition
         await self.sink.fail(self.framing.error_frame(err, self.ctx.request_id))
+
+
+async def _ended() -> bytes:
+    """The read of an answer that was whole before it was relayed."""
+    return b""
