@@ -25,7 +25,14 @@ from gateway.explain import explain_lines
 from gateway.observe.tracing import Tracing
 from tests.conftest import config_yaml
 from tests.support.fake_llm_server import answer, fake_llm
-from tests.support.scripted_upstream import Respond, ScriptedUpstream, content, role_delta
+from tests.support.scripted_upstream import (
+    Respond,
+    ScriptedUpstream,
+    content,
+    done,
+    finish,
+    role_delta,
+)
 
 MESSAGES = [{"role": "user", "content": "resume me"}]
 BODY = {"model": "m", "messages": MESSAGES}
@@ -213,6 +220,30 @@ async def test_a_different_answer_is_never_spliced_on(start_gateway, client):
     assert _text_of(head) == _first_tokens(5)
     labels = {"route": "r", "kind": "resume_diverged"}
     assert _metric(gw, "streamgate_stream_errors_total", **labels) == 1
+
+
+async def test_an_answer_that_ends_before_the_text_sent_is_never_spliced_on(
+    start_gateway, client
+):
+    shorter = [role_delta(), content(TEXT[:8]), finish(), done()]
+    async with fake_llm(cut_after=5) as broken, ScriptedUpstream() as backup:
+        backup.script(Respond(sse=True, chunks=shorter))
+        gw = await start_gateway(_config(broken.url, backup.url, prefill="none"))
+        status, raw = await _raw_stream(client, gw)
+        await _nothing_held(gw)
+    assert status == 200 and b"[DONE]" not in raw
+    assert _text_of(raw.rpartition(b"event: error\n")[0]) == _first_tokens(5)
+    assert b"resume_diverged" in raw
+
+
+async def test_an_answer_longer_than_max_prefix_bytes_is_not_resumed(start_gateway, client):
+    async with fake_llm(cut_after=5) as broken, fake_llm() as fallback:
+        cfg = _config(broken.url, fallback.url, resume="resume: {max_prefix_bytes: 10}\n")
+        gw = await start_gateway(cfg)
+        status, raw = await _raw_stream(client, gw)
+        await _nothing_held(gw)
+    assert status == 200 and fallback.stats.completions_started == 0
+    assert _text_of(raw) == _first_tokens(5) and b"[DONE]" not in raw
 
 
 @pytest.mark.parametrize(

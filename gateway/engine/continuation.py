@@ -39,6 +39,8 @@ class Continuation:
 
     def rewrite(self, events: bytes) -> bytes:
         """These whole events of the continuation, as the client gets them (maybe none)."""
+        if not events:
+            return events
         out = []
         for event in events.split(self.framing.sep):
             if event and (rewritten := self._event(event)) is not None:

@@ -31,8 +31,9 @@ from gateway.engine.commit import AttemptFailed
 from gateway.engine.context import RequestContext
 from gateway.engine.continuation import Continuation
 from gateway.engine.exchange import Opened
-from gateway.engine.framing import choose
+from gateway.engine.framing import Framing, choose
 from gateway.engine.order import Try
+from gateway.engine.sse import LF_SEPARATOR
 from gateway.engine.transcript import Transcript
 from gateway.observe.metrics import Metrics
 
@@ -43,16 +44,23 @@ REFUSED = (400, 422)
 class Resumer:
     """One committed stream's resumes: what was relayed, and how to continue it."""
 
-    __slots__ = ("ctx", "route", "tries", "metrics", "transcript", "continuation", "sep", "count")
+    __slots__ = (
+        "ctx", "route", "tries", "metrics", "transcript", "continuation", "framing", "count",
+    )
 
     def __init__(
-        self, ctx: RequestContext, route: Route, tries: Attempts, metrics: Metrics, sep: bytes
+        self,
+        ctx: RequestContext,
+        route: Route,
+        tries: Attempts,
+        metrics: Metrics,
+        framing: Framing,
     ) -> None:
         self.ctx, self.route, self.tries, self.metrics = ctx, route, tries, metrics
         self.transcript = Transcript(route.resume.max_prefix_bytes)
         self.continuation: Continuation | None = None
-        self.sep = sep
-        """The client stream's event separator, learnt from its first events."""
+        self.framing = framing
+        """The client stream's framing: its event separator is the one the client reads."""
         self.count = 0
 
     @classmethod
@@ -66,13 +74,13 @@ class Resumer:
         framing = opened.framing
         if opened.status != 200 or framing is None or framing.name != "sse":
             return None
-        return cls(ctx, route, tries, metrics, framing.sep)
+        return cls(ctx, route, tries, metrics, framing)
 
     def watch(self, events: bytes) -> bytes:
         """Whole events about to be relayed: noted, and a continuation's rewritten."""
         if self.continuation is not None:
             return self.continuation.rewrite(events)
-        self.transcript.feed(events, self.sep)
+        self.transcript.feed(events, self.framing.sep)
         return events
 
     def was_cut(self) -> bool:
@@ -104,7 +112,8 @@ class Resumer:
         if opened is not None:
             self.ctx.resumes += 1
             skip = self.transcript.text if ask.spliced else ""
-            self.continuation = Continuation(self.transcript, skip, opened.framing, self.sep)
+            sep = self.framing.sep or LF_SEPARATOR
+            self.continuation = Continuation(self.transcript, skip, opened.framing, sep)
         return opened
 
 

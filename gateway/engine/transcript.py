@@ -69,7 +69,7 @@ class Transcript:
 
     def feed(self, events: bytes, sep: bytes) -> None:
         """Note what these whole events, about to be relayed, say."""
-        if not self.usable:
+        if not self.usable or not events:
             return
         for event in events.split(sep):
             if event:
