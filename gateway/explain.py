@@ -115,7 +115,8 @@ def _rescue_lines(config: GatewayConfig, route: Route) -> list[str]:
     dialects = ", ".join(f"{name} {config.upstreams[name].prefill}" for name in hops)
     lines.append(
         f"resume: SSE chat completions broken by [{', '.join(resume.on)}], up to {resume.max} "
-        f"per request, on the next try (another endpoint, else the next fallback); text kept "
+        f"per request, on the next try (another endpoint, else the next fallback, else the same "
+        f"endpoint while retry.attempts allows); text kept "
         f"up to {resume.max_prefix_bytes} bytes; prefill by upstream: {dialects} (none, or "
         "refused: asked again and spliced only if it begins with the text sent, else an error "
         "event)"

@@ -184,6 +184,27 @@ async def test_a_prefill_is_continued_from_inside_a_token(start_gateway):
     assert text == TEXT
 
 
+async def test_with_no_other_backend_the_same_one_continues_while_attempts_allow(
+    start_gateway, client
+):
+    async with ScriptedUpstream() as only:
+        only.script(
+            Respond(sse=True, chunks=[role_delta(), content(TEXT[:9])]),  # cut
+            Respond(sse=True, chunks=[role_delta(), content(TEXT[9:]), finish(), done()]),
+        )
+        cfg = config_yaml(
+            only.url,
+            route="retry: {attempts: 2}\nresume: {}\nlimits: [slots]\n",
+            top=LIMITS,
+            upstream="prefill: assistant\n",
+        )
+        gw = await start_gateway(cfg)
+        status, raw = await _raw_stream(client, gw)
+        await _nothing_held(gw)
+        assert len(only.requests) == 2
+    assert status == 200 and _text_of(raw) == TEXT and raw.endswith(b"data: [DONE]\n\n")
+
+
 @pytest.mark.parametrize("prefill", ["none", "assistant", "vllm"])
 async def test_the_continuation_request_speaks_the_upstreams_prefill_dialect(
     start_gateway, client, prefill

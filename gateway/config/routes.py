@@ -157,7 +157,8 @@ RESUME_CONDITIONS = ("reset", "cut", "chunk_gap_timeout")
 class ResumePolicy:
     """Resuming an OpenAI-style chat completion stream (SSE) that breaks after the commit point:
     the gateway keeps the text it has relayed and asks the next try (another endpoint this
-    request has not tried, else the next fallback) to continue it, with the same messages plus
+    request has not tried, else the next fallback, else the same endpoint again while
+    `retry.attempts` allows) to continue it, with the same messages plus
     an assistant message holding that text (how, is the upstream's `prefill`). Only what follows
     is relayed, under the stream's first `id`; `[DONE]` and `usage` come from the upstream that
     finished. A backend that refuses the prefill (400 or 422) is asked again without it, and its

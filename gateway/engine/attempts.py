@@ -22,6 +22,7 @@ relay asks it for a fresh try to continue a broken stream, with another request 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Mapping
 from typing import Protocol
@@ -33,13 +34,7 @@ from gateway.engine.exchange import Opened
 from gateway.engine.hedge import HedgeBudget
 from gateway.engine.order import Try, TryOrder
 from gateway.engine.try_once import try_once
-from gateway.errors import (
-    GatewayError,
-    NoHealthyUpstream,
-    PoolExhausted,
-    UpstreamConnectError,
-    UpstreamTimeout,
-)
+from gateway.errors import GatewayError, NoHealthyUpstream
 from gateway.observe.metrics import Metrics
 from gateway.upstreams.pool import UpstreamPool
 
@@ -75,7 +70,9 @@ class Attempts:
     ) -> None:
         self.ctx, self.route, self.headers, self.metrics = ctx, route, headers, metrics
         self.order = TryOrder(ctx, route, pools)
-        self.budget = budget if route.hedge is not None else None
+        self.budget = None
+        if route.hedge is not None:  # the runtime's, shared by the route's requests
+            self.budget = budget or HedgeBudget(route.hedge.budget_percent)
         self.hedges = 0
         """Hedges started for this request."""
         self.held: HeldResponse | None = None
@@ -120,7 +117,9 @@ class Attempts:
                 if not running:
                     if final is not None:
                         return _final(final)
-                    t = self.order.next(fresh=why == "resume")
+                    # A resume prefers a backend other than the one that broke.
+                    t = self.order.next(fresh=True) if why == "resume" else None
+                    t = t or self.order.next()
                     if t is None:
                         return None
                     self._start(running, ask, t, why, reason)
@@ -210,10 +209,9 @@ class Attempts:
         try:
             opened = await try_once(ctx, self.route, t.pool, t.endpoint, body, model, headers)
         except AttemptFailed as failed:
-            outcome = _attempt_outcome(failed)
-            status = failed.held.status if failed.held else None
-            t.result = str(status) if status is not None else failed.reason
-            span.failed(outcome, failed.reason, status)
+            outcome = failed.outcome
+            t.result = failed.reason
+            span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
             metrics.child(metrics.upstream_attempts, t.upstream, outcome).inc()
             raise
         except asyncio.CancelledError:
@@ -247,27 +245,21 @@ class _First:
 
 
 async def _cancel(running: dict[asyncio.Task, Try]) -> None:
-    """Cancel the tries still running and wait until each has closed its connection; one that
-    reached its commit point meanwhile is closed too."""
-    for task in running:
+    """Cancel the tries still running and wait until each has closed its connection. One that
+    reaches its commit point anyway is closed too, even if this wait is itself cancelled."""
+    for task, t in running.items():
+        task.add_done_callback(functools.partial(_discard, t))
         task.cancel()
-    results = await asyncio.gather(*running, return_exceptions=True)
-    for t, result in zip(running.values(), results, strict=True):
-        if isinstance(result, Opened):
-            result.finish(clean=False)
-            if t.lost:
-                t.result = "hedge_lost"
-                t.span.abandoned("hedge_lost")
+    await asyncio.wait(running)
 
 
-def _attempt_outcome(failed: AttemptFailed) -> str:
-    if isinstance(failed.error, PoolExhausted):
-        return "pool_exhausted"
-    if isinstance(failed.error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(failed.error, UpstreamConnectError):
-        return "connect_error"
-    return "upstream_error"
+def _discard(t: Try, task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # try_once closed the connection on its way out
+    task.result().finish(clean=False)
+    if t.lost:
+        t.result = "hedge_lost"
+        t.span.abandoned("hedge_lost")
 
 
 def _final(failed: AttemptFailed) -> Opened:

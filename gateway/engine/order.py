@@ -14,9 +14,9 @@ byte, as when a worker was killed). It is retried at once on another endpoint (o
 connection), at most once per endpoint of the upstream, without consuming a `retry.attempts`
 try: the operator's count is of requests an upstream could have worked on.
 
-A hedge and a resume ask for a *fresh* try: never an endpoint this request already tried on
-the current upstream, so the next fallback when the upstream has no other endpoint in
-rotation (or no tries left).
+A hedge asks for a *fresh* try: never an endpoint this request already tried on the current
+upstream, so the next fallback when the upstream has no other endpoint in rotation (or no tries
+left), and no hedge when there is none. A resume asks for a fresh one first.
 """
 
 from __future__ import annotations

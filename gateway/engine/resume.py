@@ -4,8 +4,9 @@ Only for an OpenAI-style chat completion streamed over SSE (a JSON body with `me
 choice), and only when the break is one the route lists: `reset` (the upstream dropped the
 connection), `cut` (the body ended with no `finish_reason` and no `[DONE]`) or
 `chunk_gap_timeout`. The relay keeps the text it relayed (`Transcript`); on a break it closes
-the broken upstream request and asks the attempt loop for a fresh try (another endpoint this
-request has not tried, else the next fallback; retried there as `retry:` says, never hedged):
+the broken upstream request and asks the attempt loop for the next try (another endpoint this
+request has not tried, else the next fallback, else the same endpoint while `retry.attempts`
+allows; retried there as `retry:` says, never hedged):
 
 - with the upstream's `prefill: assistant` or `vllm`, the same request plus an assistant
   message holding the text (and, for `vllm`, `continue_final_message: true` and
