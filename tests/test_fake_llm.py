@@ -342,6 +342,7 @@ async def test_reset_after_sends_n_content_tokens_then_a_tcp_rst(llm, flags, fak
         pytest.param({"reset_after": 0}, "reset", id="reset-before-headers"),
         pytest.param({"reset_after": 2}, "reset", id="reset-mid-body"),
         pytest.param({"stall_after": 2}, "silent", id="stall-mid-body"),
+        pytest.param({"cut_after": 2}, "eof", id="cut-mid-body"),
     ],
 )
 async def test_unary_faults_leave_a_truncated_or_missing_body(llm, fake, ending) -> None:

@@ -79,10 +79,11 @@ async def test_a_slow_first_token_is_hedged_on_the_fallback_and_the_slow_try_clo
     async with fake_llm(ttft=20) as slow, fake_llm(ttft=0.05) as fast:
         gw = await start_gateway(_config(slow.url, fast.url, "{after: 300ms}"))
         text, ids, took = await _stream(gw)
-        # The hedge won: the whole canonical answer, well before the slow backend's 20 s.
+        # The hedge won: the whole canonical answer, within `after` + the fallback's time to
+        # first token (and a loaded machine's slack), not the slow backend's 20 s.
         assert text == answer(BODY)
         assert len(ids) == 1
-        assert 0.3 <= took < 0.3 + 0.05 + 1.5
+        assert 0.3 <= took < 0.3 + 0.05 + 2
         # The slow try is closed as soon as the hedge delivered content, not left running.
         await slow.wait_until(lambda s: s.client_gone == 1, 1.0, "close of the slow try")
         assert slow.stats.streams_completed == 0 and fast.stats.streams_completed == 1

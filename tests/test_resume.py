@@ -28,17 +28,20 @@ from tests.support.fake_llm_server import answer, fake_llm
 from tests.support.scripted_upstream import (
     Respond,
     ScriptedUpstream,
+    chat_chunk,
     content,
     done,
     finish,
     role_delta,
+    sse_data,
 )
 
 MESSAGES = [{"role": "user", "content": "resume me"}]
 BODY = {"model": "m", "messages": MESSAGES}
 TEXT = answer(BODY)
 LIMITS = "limits:\n  concurrency:\n    slots: {capacity: 10, weights: {stream: 3, unary: 1}}\n"
-FAST = "retry: {attempts: 1}\ntimeouts: {chunk_gap: 300ms, first_chunk: 5s}\nlimits: [slots]\n"
+# chunk_gap is what ends the stalled stream; generous, so a loaded machine never trips it
+FAST = "retry: {attempts: 1}\ntimeouts: {chunk_gap: 1s, first_chunk: 5s}\nlimits: [slots]\n"
 
 
 def _config(primary: str, fallback: str, resume: str = "resume: {}\n", prefill: str = "assistant"):
@@ -265,6 +268,18 @@ async def test_an_answer_longer_than_max_prefix_bytes_is_not_resumed(start_gatew
         await _nothing_held(gw)
     assert status == 200 and fallback.stats.completions_started == 0
     assert _text_of(raw) == _first_tokens(5) and b"[DONE]" not in raw
+
+
+async def test_a_stream_of_tool_calls_is_not_resumed(start_gateway, client):
+    call = {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{"}}]}
+    cut = [role_delta(), content("let me check "), sse_data(chat_chunk(call))]
+    async with ScriptedUpstream() as up, fake_llm() as fallback:
+        up.script(Respond(sse=True, chunks=cut))
+        gw = await start_gateway(_config(up.url, fallback.url))
+        status, raw = await _raw_stream(client, gw)
+        await _nothing_held(gw)
+    assert status == 200 and raw == b"".join(cut)  # relayed as sent, as without resume
+    assert fallback.stats.completions_started == 0
 
 
 @pytest.mark.parametrize(

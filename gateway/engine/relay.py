@@ -119,12 +119,10 @@ class _Pump:
                 err = verdict
             except Exception as exc:  # the upstream side broke mid-body
                 err = UpstreamReset(f"upstream {self.ctx.upstream!r} broke off the stream: {exc}")
-            else:
-                if self.resumer is None or not self.resumer.was_cut():
-                    return await self._finish(tail)
-                if not await self._resumed("cut"):
-                    return await self._finish(tail)  # as sent: nothing is invented
-                continue
+            else:  # the body ended: whole, or cut before its finish (resumable)
+                if await self._resumed("cut"):
+                    continue
+                return await self._finish(tail)
             if not await self._resumed(err.condition):
                 raise err
 

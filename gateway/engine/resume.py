@@ -84,11 +84,9 @@ class Resumer:
         self.transcript.feed(events, self.framing.sep)
         return events
 
-    def was_cut(self) -> bool:
-        """The body ended before the answer did: no finish_reason, no [DONE]."""
-        return "cut" in self.route.resume.on and self.transcript.resumable
-
     def can_resume(self, condition: str) -> bool:
+        """A listed break of an answer not finished yet (a body that ends before its
+        finish_reason or [DONE] is `cut`), within the bounds."""
         policy = self.route.resume
         return (
             condition in policy.on and self.count < policy.max and self.transcript.resumable
