@@ -151,6 +151,7 @@ class HedgePolicy:
 
 
 RESUME_CONDITIONS = ("reset", "cut", "chunk_gap_timeout")
+"""The breaks after the commit point a resume can be asked for (`resume.on`)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,8 +44,8 @@ class AttemptTrace:
         self.done = True
 
     def abandoned(self, outcome: str) -> None:
-        """Ended by the gateway, not by a failure: another try won the race (`hedge_lost`),
-        or the stream broke and was resumed elsewhere (`resumed`)."""
+        """Ended by the gateway, not by a failure of its own: another try of the request won
+        the race to the first content (`hedge_lost`)."""
         if self.done:
             return
         self.span.set_attribute("streamgate.outcome", outcome)
