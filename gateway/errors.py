@@ -168,6 +168,15 @@ class UpstreamTimeout(GatewayError):
         self.condition = condition  # first_chunk_timeout | chunk_gap_timeout | total_timeout
 
 
+class ResumeDiverged(GatewayError):
+    """A resumed stream's new answer does not begin with the text the client already has (or
+    ends before covering it): it cannot be spliced on, so the stream ends visibly."""
+
+    status = 502
+    type = "resume_diverged"
+    condition = "resume_diverged"
+
+
 class SlowClient(GatewayError):
     status = 504
     type = "slow_client"

@@ -10,10 +10,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
 from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
-from gateway.config.routes import AnswerEnd, FramingConfig, Route
+from gateway.config.routes import Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.engine.usage_request import asks_for_usage
 from gateway.errors import ConfigErrors
+from gateway.explain_protocol import protocol_line
 from gateway.protocols.http.target import BadTarget, parse_target
 
 
@@ -95,6 +96,34 @@ def explain_lines(
     lines.extend(_limit_lines(config, chosen, stream, body, facts.path))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
+    lines.extend(_rescue_lines(config, chosen))
+    return lines
+
+
+def _rescue_lines(config: GatewayConfig, route: Route) -> list[str]:
+    hedge, resume = route.hedge, route.resume
+    if hedge is None:
+        lines = ["hedge: off (a slow first chunk waits for first_chunk, then falls back)"]
+    else:
+        lines = [
+            f"hedge: after {hedge.after:g}s with no content, the next try (another endpoint, "
+            f"else the next fallback) starts beside it; up to {hedge.max_extra} per request, "
+            f"within {hedge.budget_percent}% of the route's requests of the last 10s; the "
+            "first with content wins, the others are closed; admission charges the request once"
+        ]
+    if resume is None:
+        lines.append("resume: off (a stream that breaks after its first content ends visibly)")
+        return lines
+    hops = [route.upstream] + [f.upstream for f in route.fallbacks]
+    dialects = ", ".join(f"{name} {config.upstreams[name].prefill}" for name in hops)
+    lines.append(
+        f"resume: SSE chat completions broken by [{', '.join(resume.on)}], up to {resume.max} "
+        f"per request, on the next try (another endpoint, else the next fallback, else the same "
+        f"endpoint while retry.attempts allows); text kept "
+        f"up to {resume.max_prefix_bytes} bytes; prefill by upstream: {dialects} (none, or "
+        "refused: asked again and spliced only if it begins with the text sent, else an error "
+        "event)"
+    )
     return lines
 
 
@@ -194,64 +223,5 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
-        _protocol_line(route),
+        protocol_line(route),
     ]
-
-
-def _protocol_line(route: Route) -> str:
-    bridge = route.websocket_upstream
-    if route.websocket is not None:
-        return _websocket_line(route)
-    if bridge is None:
-        return _framing_line(route.framing)
-    done = ", then data: [DONE]" if bridge.done_event else ""
-    return (
-        "bridged to a WebSocket upstream (dialled as ws://, wss://): the body is sent as the "
-        "first message, each upstream message is one SSE data event; "
-        f"{_answer_end(bridge.answer_end)} (or a 1000 close) ends it cleanly{done}; anything "
-        f"else ends it with event: error; messages up to {bridge.max_message_size} bytes"
-    )
-
-
-def _websocket_line(route: Route) -> str:
-    ws, t = route.websocket, route.timeouts
-    if ws.upstream == "sse":
-        end = "no end message" if ws.end_message is None else f"end message {ws.end_message!r}"
-        how = (
-            "websocket bridge to SSE: the first message is POSTed with stream: true, each "
-            f"data event goes back as a text message; at the end {end} and close 1000"
-        )
-    else:
-        gaps = (
-            ""
-            if ws.answer_end is None
-            else f", its messages at most chunk_gap {t.chunk_gap:g}s apart until "
-            f"{_answer_end(ws.answer_end)}"
-        )
-        how = (
-            "websocket passthrough (upstream dialled as ws://, wss://): messages, close codes "
-            f"and subprotocols relayed; an answer must start within first_chunk {t.first_chunk:g}s "
-            f"of a client message{gaps}, idle {ws.idle:g}s otherwise; until the first upstream "
-            f"message, client messages (up to {ws.replay_buffer} bytes) are replayed to the "
-            "next try"
-        )
-    return (
-        f"{how}; messages up to {ws.max_message_size} bytes (1009 past it); after the upgrade "
-        "a failure closes with 1011 (1013 when overloaded), never 1000"
-    )
-
-
-def _answer_end(end: AnswerEnd) -> str:
-    if end.kind == "finish_reason":
-        return "a chunk with finish_reason set"
-    return "a message with " + ", ".join(f"{k}={v!r}" for k, v in end.match.items())
-
-
-def _framing_line(framing: FramingConfig) -> str:
-    if framing.kind == "auto":
-        return (
-            "framing: auto (sse for text/event-stream, ndjson for application/x-ndjson, "
-            "else raw for a stream and unary otherwise)"
-        )
-    footer = ", a missing footer is a truncation" if framing.require_footer else ""
-    return f"framing: {framing.kind}{footer}"

@@ -154,6 +154,7 @@ class EjectConfig:
 
 
 Balance = Literal["round_robin", "least_outstanding", "weighted"]
+Prefill = Literal["none", "assistant", "vllm"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,16 @@ class HttpUpstream:
     """Requests in flight to this upstream at once (all endpoints together; one connection
     each). A try that finds them all busy waits up to the route's `timeouts.queue` for one,
     then fails with the condition `pool_exhausted` (503 with Retry-After unless retried)."""
+    prefill: Prefill = "none"
+    """How a route's `resume` asks this upstream to continue a partial answer. `none` sends no
+    prefill: the answer is asked for again and relayed past the text already sent, only if
+    it begins with exactly that text (a deterministic backend, or `temperature: 0`).
+    `assistant` appends an assistant message holding the partial text, which the backend
+    continues (Anthropic's Messages API, llama.cpp's server). `vllm` does that and also sends
+    `continue_final_message: true` and `add_generation_prompt: false` (vLLM, SGLang). A
+    backend that refuses the prefill (400 or 422) is asked as with `none`. Never `assistant`
+    for a backend that answers a final assistant message afresh (OpenAI's API does): the
+    text would repeat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +220,8 @@ class WorkerPoolUpstream:
     eject: EjectConfig = EjectConfig()
     max_connections: int = 256
     """As for `kind: http`: requests in flight to the pool at once, across its workers."""
+    prefill: Prefill = "none"
+    """As for `kind: http`: how a route's `resume` asks it to continue a partial answer."""
 
 
 Upstream = HttpUpstream | WorkerPoolUpstream

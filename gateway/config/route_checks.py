@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 
 from gateway.config.model import GatewayConfig
-from gateway.config.routes import AnswerEnd, RetryPolicy, Route, RouteMatch
+from gateway.config.routes import RESUME_CONDITIONS, AnswerEnd, RetryPolicy, Route, RouteMatch
 from gateway.config.rules import (
     Problem,
     Problems,
@@ -59,6 +59,37 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
         yield from _websocket(path, route)
     if route.websocket_upstream is not None:
         yield from _websocket_upstream(path, route)
+    if route.hedge is not None:
+        yield from _hedge(f"{path}.hedge", route)
+    if route.resume is not None:
+        yield from _resume(f"{path}.resume", route)
+
+
+def _hedge(path: str, route: Route) -> Problems:
+    hedge = route.hedge
+    yield from positive(f"{path}.after", hedge.after, "s")
+    yield from at_least(f"{path}.max_extra", hedge.max_extra, 1)
+    if not 0 <= hedge.budget_percent <= 100:
+        yield Problem(f"{path}.budget_percent", "must be a percentage 0-100")
+    if route.websocket is not None:
+        yield Problem(path, "hedging races request/answer streams, not websocket sessions")
+
+
+def _resume(path: str, route: Route) -> Problems:
+    resume = route.resume
+    known_ones = ", ".join(RESUME_CONDITIONS)
+    for j, condition in enumerate(resume.on):
+        if condition not in RESUME_CONDITIONS:
+            hint = did_you_mean(condition, RESUME_CONDITIONS)
+            message = f"unknown condition '{condition}'{hint}; known: {known_ones}"
+            yield Problem(f"{path}.on[{j}]", message)
+    yield from at_least(f"{path}.max", resume.max, 1)
+    yield from at_least(f"{path}.max_prefix_bytes", resume.max_prefix_bytes, 1)
+    if route.websocket is not None:
+        yield Problem(path, "resume continues SSE chat completions, not websocket sessions")
+    elif route.framing.kind not in ("auto", "sse"):
+        kind = route.framing.kind
+        yield Problem(path, f"resume continues SSE chat completions, not framing {kind}")
 
 
 def _websocket(path: str, route: Route) -> Problems:

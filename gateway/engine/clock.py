@@ -73,6 +73,18 @@ class StreamClock:
             self._handle.cancel()
             self._handle = None
 
+    def pause(self) -> None:
+        """Keep no time while a resume asks another backend (its try has its own bounds);
+        `fire` still ends the stream (shutdown)."""
+        self.stop()
+        self.reason = None
+
+    def restart(self) -> None:
+        """Keep time again, from now: a continuation is being relayed."""
+        now = self._loop.time()
+        self.reading, self.since, self._keepalive_after = True, now, now
+        self._arm()
+
     def ask(self) -> None:
         """A client message went upstream: its answer must begin within `first_chunk`. The
         relay clears `asked` on the upstream's next message."""

@@ -16,7 +16,14 @@ from gateway.config.routes import Route
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, UpstreamResponse
 from gateway.engine.framing import Framing, choose
-from gateway.errors import GatewayError, UpstreamReset, UpstreamStatus
+from gateway.errors import (
+    GatewayError,
+    PoolExhausted,
+    UpstreamConnectError,
+    UpstreamReset,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 
 ERROR_BODY_LIMIT = 256 * 1024
 """An upstream error body larger than this is relayed as a stream, not inspected."""
@@ -61,6 +68,17 @@ class AttemptFailed(Exception):
     @property
     def reason(self) -> str:
         return self.conditions[0]
+
+    @property
+    def outcome(self) -> str:
+        """The `outcome` label of `streamgate_upstream_attempts_total`."""
+        if isinstance(self.error, PoolExhausted):
+            return "pool_exhausted"
+        if isinstance(self.error, UpstreamTimeout):
+            return "timeout"
+        if isinstance(self.error, UpstreamConnectError):
+            return "connect_error"
+        return "upstream_error"
 
 
 async def read_until_commit(

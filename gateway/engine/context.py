@@ -37,6 +37,8 @@ class RequestContext:
         "upstream",
         "endpoint",
         "attempts",
+        "tries",
+        "resumes",
         "status",
         "outcome",
         "error_kind",
@@ -80,6 +82,11 @@ class RequestContext:
         """The upstream of the attempt that answered (or the last one tried)."""
         self.endpoint: str | None = None
         self.attempts = 0
+        self.tries: list = []
+        """Every request sent upstream, in order (`order.Try`: upstream, endpoint, why,
+        reason, result), for the access log."""
+        self.resumes = 0
+        """Times a broken stream was continued by another try."""
         self.status = 0
         """HTTP status the client got; 499 when it went away first."""
         self.outcome = "completed"

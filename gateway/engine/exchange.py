@@ -89,7 +89,10 @@ class UpstreamClient(Protocol):
 class Opened:
     """The upstream answer the client will get, with what was read of it before committing."""
 
-    __slots__ = ("status", "headers", "head", "complete", "framing", "response", "pool", "endpoint")
+    __slots__ = (
+        "status", "headers", "head", "complete", "framing", "response", "pool", "endpoint",
+        "tried",
+    )
 
     def __init__(
         self,
@@ -111,6 +114,8 @@ class Opened:
         self.response = response
         self.pool: UpstreamPool | None = None
         self.endpoint: Endpoint | None = None
+        self.tried = None
+        """The engine's record of the request that got this answer (`order.Try`)."""
 
     def finish(self, clean: bool) -> None:
         """Let go of the upstream: the connection is reused only after a whole body;

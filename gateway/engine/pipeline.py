@@ -7,8 +7,10 @@
             connection, as a WebSocket bridge reads its first message, does it here:
             `Inbound.admitted`); a stream a budget charged asks the upstream for its usage
             (`usage_request.py`), once, so every try sends the same body
-    open    the upstream, retrying and falling back until the commit point (attempts.py)
-    relay   commit the status and headers, then stream with backpressure (relay.py)
+    open    the upstream, retrying, hedging and falling back until the commit point
+            (attempts.py)
+    relay   commit the status and headers, then stream with backpressure (relay.py); a
+            broken stream may be resumed through the same tries (resume.py)
 
 Errors before the commit point are handed to the protocol's sink here, and only here. A client
 that goes away cancels the task serving it, which unwinds every stage: its admission is
@@ -26,7 +28,7 @@ from typing import Protocol
 
 from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
-from gateway.engine.attempts import open_stream
+from gateway.engine.attempts import Attempts
 from gateway.engine.context import RequestContext
 from gateway.engine.duplex import ClientHalf
 from gateway.engine.exchange import ROUTE, Sink
@@ -94,10 +96,12 @@ class Proxy:
                 headers = inbound.upstream_headers()
                 if sink.receive is not None:  # a two-way session: its client half
                     ctx.session = ClientHalf(sink, ctx, route.websocket.replay_buffer)
-                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
+                budget = runtime.hedge_budgets.get(route.name)
+                tries = Attempts(ctx, route, runtime.pools, headers, runtime.metrics, budget)
+                opened = await tries.open()
                 runtime.stream_started(ctx)
                 try:
-                    await relay(sink, ctx, opened, route, runtime.metrics)
+                    await relay(sink, ctx, opened, route, runtime.metrics, tries)
                 finally:
                     runtime.stream_ended(ctx)
         except GatewayError as err:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 
 from gateway.config.routes import Route
+from gateway.engine.attempts import Attempts
 from gateway.engine.clock import StreamClock
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, Sink
+from gateway.engine.resume import Resumer
 from gateway.engine.token_watch import hide_in_whole_answer, token_watch
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
@@ -26,8 +28,15 @@ from gateway.observe.metrics import ChunkGapHistogram, Metrics
 
 
 async def relay(
-    sink: Sink, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
+    sink: Sink,
+    ctx: RequestContext,
+    opened: Opened,
+    route: Route,
+    metrics: Metrics,
+    tries: Attempts | None = None,
 ) -> None:
+    """Relay `opened` to the client; `tries` (the request's attempt loop) lets a route with
+    `resume:` continue a broken stream (resume.py)."""
     ctx.status = opened.status
     if opened.status >= 400:
         ctx.outcome = "upstream_error"  # an upstream's error answer, relayed as sent
@@ -40,7 +49,8 @@ async def relay(
         ctx.first_chunk_at = asyncio.get_running_loop().time()
         ctx.chunks, ctx.bytes = 1, len(opened.head)
         return
-    pump = _Pump(sink, ctx, opened, route, metrics)
+    resumer = Resumer.start(ctx, route, opened, tries, metrics)
+    pump = _Pump(sink, ctx, opened, route, metrics, resumer)
     clean = False
     try:
         await pump.run()
@@ -60,21 +70,29 @@ class _Pump:
     Only whole frames are written (the framing's `cut`), so an error frame never lands inside
     another. The only await per chunk is the upstream read: writes never wait unless the sink
     holds more than the route's buffer (`_hold_back`), and the clock's phase only changes in
-    that slow path.
+    that slow path. With a resumer, each read's whole frames also pass through it.
     """
 
     __slots__ = (
         "sink", "ctx", "opened", "framing", "route", "clock", "metrics", "gaps", "two_way",
-        "watch",
+        "watch", "resumer", "committed",
     )
 
     def __init__(
-        self, sink: Sink, ctx: RequestContext, opened: Opened, route: Route, metrics: Metrics
+        self,
+        sink: Sink,
+        ctx: RequestContext,
+        opened: Opened,
+        route: Route,
+        metrics: Metrics,
+        resumer: Resumer | None = None,
     ) -> None:
         self.sink = sink
         self.ctx = ctx
         self.opened = opened
+        """The upstream answer being relayed: a continuation once a resume took over."""
         self.framing = opened.framing
+        """The client stream's framing (its error frame, its keepalive)."""
         self.route = route
         self.metrics = metrics
         self.gaps = metrics.chunk_gap.for_route(route.name)
@@ -82,49 +100,97 @@ class _Pump:
         self.two_way = opened.response.send is not None and ctx.session is not None
         idle = route.websocket.idle if self.two_way and route.websocket else None
         self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
+        self.resumer = resumer
+        self.committed = False
         ctx.abort = self.clock.fire
         self.watch = token_watch(ctx, self.framing)
         """Hides asked-for usage and enforces a token cap; None for most streams."""
 
     async def run(self) -> None:
-        try:
-            await self._pump()
-        except asyncio.CancelledError:
-            reason = self.clock.reason
-            if reason is None:
-                raise  # the client went away: the protocol cancelled the handler
-            asyncio.current_task().uncancel()
-            raise reason from None
-        except (ConnectionResetError, GatewayError):
-            raise  # writing to a client that is gone; or a verdict already made
-        except Exception as exc:  # the upstream side broke mid-body
-            raise UpstreamReset(
-                f"upstream {self.ctx.upstream!r} broke off the stream: {exc}"
-            ) from exc
+        while True:
+            try:
+                tail = await self._pump()
+            except asyncio.CancelledError:
+                reason = self.clock.reason
+                if reason is None:
+                    raise  # the client went away: the protocol cancelled the handler
+                asyncio.current_task().uncancel()
+                err = reason
+            except ConnectionResetError:
+                raise  # writing to a client that is gone
+            except GatewayError as verdict:
+                err = verdict
+            except Exception as exc:  # the upstream side broke mid-body
+                err = UpstreamReset(f"upstream {self.ctx.upstream!r} broke off the stream: {exc}")
+            else:  # the body ended: whole, or cut before its finish (resumable)
+                if await self._resumed("cut"):
+                    continue
+                return await self._finish(tail)
+            if not await self._resumed(err.condition):
+                raise err
 
-    async def _pump(self) -> None:
-        ctx, clock, sink, framing = self.ctx, self.clock, self.sink, self.framing
+    async def _resumed(self, condition: str) -> bool:
+        """Whether another try took over the broken stream (resume.py)."""
+        resumer, clock = self.resumer, self.clock
+        if resumer is None or not resumer.can_resume(condition):
+            return False
+        clock.pause()  # the continuation's first chunk has its own bound
+        self.opened.finish(clean=False)  # closed before another backend is asked
+        try:
+            opened = await resumer.resume(condition, self.opened)
+        except asyncio.CancelledError:
+            reason = clock.reason
+            if reason is None:
+                raise
+            asyncio.current_task().uncancel()
+            raise reason from None  # shutdown while asking
+        if opened is None:
+            return False
+        self.opened = opened
+        if self.watch is not None:
+            self.watch.framing = opened.framing  # it counts the continuation's frames
+        clock.restart()
+        return True
+
+    async def _pump(self) -> bytes:
+        """Relay the current upstream answer to its end; the bytes after its last frame."""
+        ctx, clock, sink, opened = self.ctx, self.clock, self.sink, self.opened
+        framing = opened.framing
         cut = framing.cut
-        read = self.opened.response.read
+        read = opened.response.read if opened.response is not None else _ended
+        noted = self.resumer.watch if self.resumer is not None else None
+        watch = self.watch
         time = clock._loop.time
         gaps, observe_gap = self.gaps, ChunkGapHistogram.observe
         watch_usage = framing.watches_usage
         usage_frames = b""
-        head = self.opened.head
+        head = opened.head
         end = cut(head)
         data, tail = head[:end], head[end:]
+        if noted is not None:
+            data = noted(data)
         if watch_usage and b'"usage"' in data:
             usage_frames = data  # as the upstream sent them, for settlement
-        watch = self.watch
-        if watch is not None:
-            data = watch.first(data)
-        await sink.commit(self.opened, data)
-        ctx.first_chunk_at = time()
-        clock.answering = framing.answering
-        if self.two_way:
-            ctx.session.commit(clock.ask)  # the client's messages: no more replays
+        continuing = self.committed  # a continuation (resume.py) after a break
+        if not continuing:
+            if watch is not None:
+                data = watch.first(data)
+            await sink.commit(opened, data)  # the sink's write exists from here on
+            self.committed = True
+            ctx.first_chunk_at = time()
+            if self.two_way:
+                ctx.session.commit(clock.ask)  # the client's messages: no more replays
+            ctx.chunks, ctx.bytes = framing.frames, len(data)
         write, closing, buffered = sink.write, sink.closing, sink.buffered
-        ctx.chunks, ctx.bytes = framing.frames, len(data)
+        if continuing and watch is not None and data:
+            data = watch(data)
+        if continuing and data:
+            if closing():
+                raise ConnectionResetError("the client went away")
+            write(data)
+            ctx.chunks += framing.frames
+            ctx.bytes += len(data)
+        clock.answering = framing.answering
         arrived = clock.since = time()
         try:
             while data := await read():
@@ -143,6 +209,8 @@ class _Pump:
                 else:
                     tail = b""
                 clock.answering = framing.answering
+                if noted is not None and not (data := noted(data)):
+                    continue
                 if closing():
                     raise ConnectionResetError("the client went away")
                 if watch_usage and b'"usage"' in data:
@@ -160,12 +228,15 @@ class _Pump:
             # On every exit (a cut stream, a client gone) so token budgets settle to the
             # usage seen so far; parsed once here, not per chunk.
             if usage_frames:
-                ctx.usage = framing.usage(usage_frames)
+                ctx.usage = self.framing.usage(usage_frames)
         truncated = framing.ended(tail)
         if truncated is not None:
             raise truncated
-        await sink.finish(tail)  # an SSE tail is relayed as sent: nothing is invented
-        ctx.bytes += len(tail)
+        return tail
+
+    async def _finish(self, tail: bytes) -> None:
+        await self.sink.finish(tail)  # an SSE tail is relayed as sent: nothing is invented
+        self.ctx.bytes += len(tail)
 
     async def _hold_back(self) -> None:
         """The sink has bytes waiting: count the chunk, and past the route's buffer stop
@@ -198,3 +269,8 @@ class _Pump:
         self.ctx.outcome = err.outcome
         self.ctx.error_kind = err.condition
         await self.sink.fail(self.framing.error_frame(err, self.ctx.request_id))
+
+
+async def _ended() -> bytes:
+    """The read of an answer that was whole before it was relayed."""
+    return b""

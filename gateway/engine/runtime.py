@@ -12,6 +12,7 @@ import logging
 from gateway.admission.admit import Admission
 from gateway.config.model import GatewayConfig, HttpUpstream
 from gateway.engine.context import RequestContext
+from gateway.engine.hedge import HedgeBudget
 from gateway.engine.routing import Router
 from gateway.observe.access_log import AccessLog
 from gateway.observe.metrics import NO_NAME, Metrics
@@ -35,6 +36,10 @@ class Runtime:
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
+        self.hedge_budgets = {
+            r.name: HedgeBudget(r.hedge.budget_percent) for r in config.routes if r.hedge
+        }
+        """Each hedging route's budget (hedge.py); a reload starts them afresh."""
         self.pools = pools
         self.metrics = metrics
         self.admission = admission

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from . import faults
-from .completion import CHAT, TEXT, Completion, Dialect
+from .completion import CHAT, TEXT, Completion, Dialect, prefill_of
 from .knobs import Knobs
 from .stats import Stats
 
@@ -44,7 +44,10 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
     if knobs.fail_status:
         stats.failures_injected += 1
         return faults.injected_failure(knobs)
-    completion = Completion(dialect, body, knobs.tokens)
+    if knobs.prefill == "refuse" and dialect is CHAT and prefill_of(body) is not None:
+        stats.failures_injected += 1
+        return faults.prefill_refused()
+    completion = Completion(dialect, body, knobs.tokens, knobs.seed)
     respond = _stream if body.get("stream") is True else _unary
     stats.completions_active += 1
     try:
@@ -68,15 +71,15 @@ def parse_request(data: bytes | str, knobs: Knobs) -> tuple[dict[str, Any], Knob
 async def _stream(
     request: web.Request, completion: Completion, knobs: Knobs, stats: Stats
 ) -> web.StreamResponse:
-    limit, fault = knobs.fault_point(len(completion.tokens))
-    events = completion.token_events()
+    events = completion.content_events()
+    limit, fault = knobs.fault_point(len(events))
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     try:
         opening = completion.opening_event()
         if opening is not None:
             await response.write(opening)  # leaves with the headers, before the ttft wait
-        await write_tokens(response.write, [events[t] for t in completion.tokens[:limit]], knobs)
+        await write_tokens(response.write, events[:limit], knobs)
         if fault is not None:
             return await faults.inject(fault, request, response, stats)
         for event in completion.closing_events():
@@ -114,7 +117,7 @@ async def write_tokens(
 async def _unary(
     request: web.Request, completion: Completion, knobs: Knobs, stats: Stats
 ) -> web.StreamResponse:
-    limit, fault = knobs.fault_point(len(completion.tokens))
+    limit, fault = knobs.fault_point(len(completion.tokens) + bool(completion.lead))
     generating_s = knobs.ttft + (limit / knobs.tokens_per_s if knobs.tokens_per_s else 0.0)
     if generating_s:
         await asyncio.sleep(generating_s)

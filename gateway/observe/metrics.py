@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
 from gateway.observe.budget_metrics import BudgetMetrics
 from gateway.observe.genai_metrics import GenAIMetrics
+from gateway.observe.rescue_metrics import RescueMetrics
 from gateway.observe.session_metrics import SessionMetrics
 
 NO_NAME = "none"
@@ -256,6 +257,7 @@ class Metrics:
         )
         self.budgets = BudgetMetrics(r)
         self.sessions = SessionMetrics(r)
+        self.rescue = RescueMetrics(r)
         r.register(StateCollector(runtime))
         self.genai = GenAIMetrics(r)
         """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""

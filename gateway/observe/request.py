@@ -19,6 +19,9 @@ class ObservedRequest(Protocol):
     stream: bool
     status: int
     attempts: int
+    tries: list[Any]
+    """Each request sent upstream: `upstream`, `url`, `why`, `reason`, `result`."""
+    resumes: int
     chunks: int
     bytes: int
     outcome: str

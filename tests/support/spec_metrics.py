@@ -42,5 +42,9 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_active_websocket_sessions",
         "streamgate_websocket_sessions_total",
         "streamgate_websocket_messages_total",
+        "streamgate_hedges_started_total",
+        "streamgate_hedges_won_total",
+        "streamgate_hedges_over_budget_total",
+        "streamgate_resumes_total",
     }
 )
