@@ -9,14 +9,21 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
-from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
+from gateway.config.model import EjectConfig, GatewayConfig, GrpcUpstream, HttpUpstream
 from gateway.config.routes import FramingConfig, Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.errors import ConfigErrors
 from gateway.protocols.http.target import BadTarget, parse_target
 
 
-def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:
+def explain(
+    config_path: str,
+    method: str,
+    path: str,
+    headers: list[str],
+    body: str | None,
+    grpc: bool = False,
+) -> int:
     try:
         config = load_config(config_path)
     except ConfigErrors as errors:
@@ -30,7 +37,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
         print(f"result: the gateway answers 400: {exc.message}")
         return 0
     try:
-        facts, stream = _facts(method, target.path, headers, body)
+        facts, stream = _facts(method, target.path, headers, body, "grpc" if grpc else "http")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
@@ -40,7 +47,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
 
 
 def _facts(
-    method: str, path: str, header_args: list[str], body: str | None
+    method: str, path: str, header_args: list[str], body: str | None, protocol: str = "http"
 ) -> tuple[RequestFacts, bool]:
     headers: CIMultiDict[str] = CIMultiDict()
     for item in header_args:
@@ -63,6 +70,7 @@ def _facts(
         path.split("?", 1)[0],
         CIMultiDictProxy(headers),
         model if isinstance(model, str) else None,
+        protocol,
     )
     return facts, stream
 
@@ -71,9 +79,8 @@ def explain_lines(
     config: GatewayConfig, facts: RequestFacts, stream: bool, body: str | None = None
 ) -> list[str]:
     router = Router(config.routes)
-    lines = [
-        f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")
-    ]
+    said = "gRPC call" if facts.protocol == "grpc" else f"{facts.method}"
+    lines = [f"request: {said} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")]
     chosen: Route | None = None
     for compiled in router.compiled:
         why_not = compiled.mismatch(facts)
@@ -89,6 +96,11 @@ def explain_lines(
     lines.append(f"route: {chosen.name}")
     stream = stream or chosen.websocket is not None  # a session is charged as a stream
     kind = "websocket session (charged as a stream)" if chosen.websocket else None
+    if chosen.grpc is not None:
+        stream = chosen.grpc.stream
+        kind = f"gRPC call (charged as {'a stream' if stream else 'unary'}, per grpc.stream)"
+    elif chosen.grpc_bridge is not None:
+        stream, kind = True, "HTTP bridged to a gRPC method (an event stream)"
     lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
     lines.extend(_limit_lines(config, chosen, stream, body))
     lines.extend(_upstream_lines(config, chosen))
@@ -142,9 +154,10 @@ def _upstream_lines(config: GatewayConfig, route: Route) -> list[str]:
     for i, (name, model) in enumerate(hops, 1):
         upstream = config.upstreams[name]
         rewrite = f", model rewritten to {model!r}" if model else ""
-        if isinstance(upstream, HttpUpstream):
+        if isinstance(upstream, HttpUpstream | GrpcUpstream):
             endpoints = ", ".join(f"{e.url} (weight {e.weight})" for e in upstream.endpoints)
-            lines.append(f"  {i}. {name}: http, {upstream.balance} over {endpoints}{rewrite}")
+            said = f"{upstream.kind}, {upstream.balance} over {endpoints}{rewrite}"
+            lines.append(f"  {i}. {name}: {said}")
         else:
             workers = len(upstream.gpus) if upstream.gpus is not None else upstream.count
             lines.append(f"  {i}. {name}: worker pool of {workers}, {upstream.balance}{rewrite}")
@@ -180,8 +193,32 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
-        _framing_line(route.framing) if route.websocket is None else _websocket_line(route),
+        _protocol_line(route),
     ]
+
+
+def _protocol_line(route: Route) -> str:
+    if route.websocket is not None:
+        return _websocket_line(route)
+    if route.grpc is not None:
+        glob = f"method glob {route.grpc.method!r}; " if route.grpc.method != "*" else ""
+        return (
+            f"grpc: {glob}messages relayed as opaque bytes; commits at the first response "
+            "message (initial metadata held until then); after it a failure ends the call "
+            "with UNAVAILABLE or DEADLINE_EXCEEDED, never OK; the caller's deadline goes "
+            "upstream shortened by the time spent"
+        )
+    if route.grpc_bridge is not None:
+        bridge = route.grpc_bridge
+        source = bridge.descriptor_set or "the upstream's server reflection"
+        each = "one SSE data event, then data: [DONE]" if bridge.output == "sse" else "one line"
+        return (
+            f"grpc bridge: the JSON body becomes {bridge.method}'s request (descriptors from "
+            f"{source}); each response message is {each}; a status before the first message "
+            "is answered as its HTTP status, after it "
+            + ("an event: error" if bridge.output == "sse" else "the connection is aborted")
+        )
+    return _framing_line(route.framing)
 
 
 def _websocket_line(route: Route) -> str:

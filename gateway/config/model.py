@@ -58,6 +58,10 @@ class ServerConfig:
     body_timeout: Seconds = 30.0
     """The longest a whole request body may take to arrive once its headers are in; past it,
     408 and the connection is closed."""
+    grpc_listen: HostPort | None = None
+    """Where gRPC clients connect (HTTP/2, plaintext); absent: no gRPC listener. Calls take
+    only routes with a `grpc` block; their request messages (bounded by `max_request_body`,
+    within `body_timeout`) are buffered so retries can replay them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +213,42 @@ class WorkerPoolUpstream:
     """As for `kind: http`: requests in flight to the pool at once, across its workers."""
 
 
-Upstream = HttpUpstream | WorkerPoolUpstream
+@dataclass(frozen=True, slots=True)
+class GrpcHealthConfig:
+    """Active probes through the standard `grpc.health.v1.Health/Check`."""
+
+    service: str = ""
+    """The service name asked about; "" asks about the server as a whole."""
+    interval: Seconds = 5.0
+    timeout: Seconds = 2.0
+    unhealthy_after: int = 3
+    """Consecutive probes not answered SERVING before the endpoint leaves rotation."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcUpstream:
+    """A gRPC server (HTTP/2). Calls are relayed as opaque messages, so no proto files are
+    needed, except by an HTTP route that bridges to it (`grpc_bridge`)."""
+
+    endpoints: tuple[EndpointConfig, ...]
+    """`grpc://host:port` (plaintext) or `grpcs://host:port` (TLS, system roots); one HTTP/2
+    channel per endpoint, shared by every call to it."""
+    kind: Literal["grpc"] = "grpc"
+    headers: Mapping[str, str] = field(default_factory=frozen_map, metadata={"yaml": "metadata"})
+    """Metadata added to every call, replacing the client's entry of the same (lower-cased) key."""
+    balance: Balance = "least_outstanding"
+    health: GrpcHealthConfig | None = None
+    """Active probes; without this block every endpoint counts as ready."""
+    eject: EjectConfig = EjectConfig()
+    max_connections: int = 256
+    """Calls in flight to this upstream at once (all endpoints together); as for `kind: http`,
+    a try that finds them all busy waits up to `timeouts.queue`, then fails as `pool_exhausted`."""
+    max_message_size: Bytes = 4 * MiB
+    """Largest response message accepted from the upstream (gRPC's own default); a larger one
+    ends the call with RESOURCE_EXHAUSTED."""
+
+
+Upstream = HttpUpstream | WorkerPoolUpstream | GrpcUpstream
 
 
 # --------------------------------------------------------------------------- the whole

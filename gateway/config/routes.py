@@ -66,8 +66,9 @@ class RetryPolicy:
     """Tries per upstream, the first included (3 = at most 3 requests to it)."""
     on: tuple[str, ...] = DEFAULT_RETRY_ON
     """Conditions retried on the same upstream: `connect_error`, `reset`, `empty_body`,
-    `first_chunk_timeout`, `pool_exhausted`, a status code, or an error code from the
-    upstream's JSON error body.
+    `first_chunk_timeout`, `pool_exhausted`, a status code, an error code from the
+    upstream's JSON error body, or a gRPC status name (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...;
+    a gRPC status also matches its HTTP equivalent, UNAVAILABLE as `503`).
     Status codes are held as strings ("429")."""
     fallback_on: tuple[str, ...] = DEFAULT_FALLBACK_ON
     """Conditions that skip straight to the next fallback. Left out, it is the default minus
@@ -130,6 +131,39 @@ class WebSocketConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcRouteConfig:
+    """A route for gRPC calls (from `server.grpc_listen`). Such a route matches only gRPC
+    calls, and a route without this block never matches one. A call's route path is its
+    method, `/package.Service/Method`: `match.path` names one exactly, `match.path_prefix`
+    a service (`/package.Service/`), `method` a glob; `match.headers` matches its metadata.
+    Its upstream and fallbacks are `kind: grpc`."""
+
+    method: str = "*"
+    """Glob on the full method name (`/blazerpc.InferenceService/Predict*`)."""
+    stream: bool = True
+    """Charge calls on this route the concurrency weight of a stream (true) or of a unary
+    request (false). A relay cannot tell a server-streaming method from a unary one (both
+    send one request message), so routes say it: put unary methods on a route of their own."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcBridgeConfig:
+    """An HTTP route whose upstream (`kind: grpc`) is a gRPC method: the JSON request body is
+    transcoded to the request message, each response message goes back as one JSON event."""
+
+    method: str
+    """The full method name, `/package.Service/Method`."""
+    descriptor_set: str | None = None
+    """A FileDescriptorSet file (`protoc --include_imports --descriptor_set_out=FILE`) that
+    describes the method; absent: asked of the upstream by server reflection
+    (`grpc.reflection.v1`, else `v1alpha`) on first use, and kept until a reload."""
+    output: Literal["sse", "ndjson"] = "sse"
+    """`sse`: each message is one `data: {json}` event and a clean end adds `data: [DONE]`; a
+    failure after the first message is an `event: error`. `ndjson`: one JSON line per message;
+    a failure after the first aborts the connection."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     upstream: str
@@ -149,3 +183,7 @@ class Route:
     websocket: WebSocketConfig | None = None
     """Accept WebSocket sessions on this route (see WebSocketConfig); absent: plain HTTP
     only."""
+    grpc: GrpcRouteConfig | None = None
+    """Take gRPC calls on this route (see GrpcRouteConfig); absent: never a gRPC call."""
+    grpc_bridge: GrpcBridgeConfig | None = None
+    """Serve this HTTP route from a gRPC method (see GrpcBridgeConfig)."""

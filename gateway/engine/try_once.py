@@ -52,7 +52,13 @@ async def try_once(
                 scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
 
             response = await client.send(
-                ctx.method, endpoint.url + ctx.path, body, headers, t.connect, request_sent
+                ctx.method,
+                endpoint.url + ctx.path,
+                body,
+                headers,
+                t.connect,
+                request_sent,
+                deadline=ctx.deadline,
             )
             opened = await read_until_commit(ctx, route, response)
     except BaseException as exc:

@@ -54,6 +54,7 @@ class WsClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ):
         pool = self.http.pool
         forward = CIMultiDict(
@@ -93,6 +94,7 @@ class _Refused:
 
     framing = None
     send = None
+    conditions = ()
 
     def __init__(self, status: int, headers) -> None:
         self.status, self.headers = status, headers
@@ -111,6 +113,7 @@ class WsResponse:
     """An open upstream WebSocket as the engine reads it: one envelope per message."""
 
     status = 101
+    conditions = ()
     __slots__ = ("ws", "headers", "framing", "_ended", "_we_closed")
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
