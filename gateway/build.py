@@ -11,6 +11,7 @@ from gateway.config.model import GatewayConfig, GrpcUpstream, HttpUpstream, Work
 from gateway.engine.runtime import Runtime
 from gateway.observe.metrics import Metrics
 from gateway.observe.tracing import Tracing
+from gateway.protocols.grpc.bridge import BridgeClient
 from gateway.protocols.grpc.client import GrpcClient
 from gateway.protocols.grpc.health import GrpcHealthChecker
 from gateway.protocols.http.client import HttpClient
@@ -75,6 +76,7 @@ def _clients(pool) -> HttpClient:
 def _grpc_clients(pool) -> GrpcClient:
     """A gRPC pool's clients: gRPC calls, and HTTP requests bridged to gRPC methods."""
     grpc = pool.clients["grpc"] = GrpcClient(pool)
+    pool.clients["grpc_bridge"] = BridgeClient(grpc)
     return grpc
 
 

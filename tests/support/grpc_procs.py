@@ -5,22 +5,28 @@ a child prints (event-driven, bounded)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from tests.support.grpc_upstream import ANNOUNCE
-from tests.support.procs import Subprocess
+from tests.support.procs import ChildFailed, Subprocess
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 BLAZE_ANNOUNCE = re.compile(r"gRPC listening on (?P<url>\S+:\d+)")
 
 
 class GrpcChild(Subprocess):
-    """A child that serves gRPC; `lines_with(prefix)` waits for what it prints."""
+    """A child that serves gRPC (announcing `grpc://host:port`, healthy by grpc.health.v1);
+    `lines_with(prefix)` waits for what it prints."""
 
     def __init__(self, argv: list[str], announce: re.Pattern[str], **kw) -> None:
         super().__init__(argv, announce=announce, **kw)
@@ -73,25 +79,77 @@ class ScriptedGrpc(GrpcChild):
         super().__init__(argv, ANNOUNCE)
 
 
-class BlazeServer(GrpcChild):
-    """`blaze serve APP --host 127.0.0.1 --port N`, the real BlazeRPC server (grpclib), run
-    from `app_dir`; BLAZE_FINALLY names a file its generator appends to in `finally`."""
+class BlazeServer:
+    """`blaze serve APP --host 127.0.0.1 --port N`, the real BlazeRPC server (grpclib), as a
+    plain child process shared by a test module (it takes seconds to start): what it prints
+    goes to a file, which `lines_with` reads."""
 
-    def __init__(
-        self, app_dir: Path, app: str, port: int, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, app_dir: Path, app: str) -> None:
+        self.app_dir, self.app = app_dir, app
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.url = f"grpc://{self.target}"
+        self.log = app_dir / f"blaze-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
         blaze = str(Path(sys.executable).parent / "blaze")
-        argv = [blaze, "serve", app, "--host", "127.0.0.1", "--port", str(port)]
-        super().__init__(argv, BLAZE_ANNOUNCE, env={"PYTHONPATH": str(app_dir), **(env or {})})
-        self.app_dir = app_dir
-
-    @property
-    def url(self) -> str:
-        return "grpc://" + self.announced["url"]
-
-    async def _wait_healthy(self) -> None:
+        argv = [blaze, "serve", self.app, "--host", "127.0.0.1", "--port", str(self.port)]
+        env = {**os.environ, "PYTHONPATH": str(self.app_dir)}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=self.app_dir, env=env, stdout=out)
+        deadline = time.monotonic() + timeout
         # BlazeRPC 2.2.1 registers grpc.health.v1, but its raw-bytes codec hands the health
-        # servicer bytes instead of a request: every Check answers UNKNOWN. Listening is all
+        # servicer bytes instead of a request (every Check answers UNKNOWN): listening is all
         # that can be waited for.
-        async with aio.insecure_channel(self.target) as channel:
-            await channel.channel_ready()
+        while not BLAZE_ANNOUNCE.search(self.log.read_text(errors="replace")) or not _listens(
+            self.port
+        ):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ChildFailed(f"{argv}: not serving in {timeout}s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    async def lines_with(self, prefix: str, timeout: float = 5.0) -> list[str]:
+        """The lines it printed that start with `prefix`, once there is one (bounded)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                lines = self.log.read_text(errors="replace").splitlines()
+                found = [line for line in lines if line.startswith(prefix)]
+                if found:
+                    return found
+                await asyncio.sleep(0.005)
+
+
+def _listens(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def require_blazerpc() -> None:
+    """Skip loudly without the `blazerpc` package (fail under STREAMGATE_REQUIRE_TOOLS=1)."""
+    if (Path(sys.executable).parent / "blaze").exists():
+        return
+    reason = (
+        "!!! BLAZERPC TESTS NOT RUN: no `blaze` command beside this Python "
+        "(pip install -e '.[test]' installs blazerpc). What they check is untested. !!!"
+    )
+    if os.environ.get("STREAMGATE_REQUIRE_TOOLS") == "1":
+        pytest.fail(reason + " STREAMGATE_REQUIRE_TOOLS=1 makes this a failure.", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a server that cannot pick its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -94,7 +94,7 @@ class GrpcClient:
         deadline: float = float("inf"),
     ) -> GrpcResponse:
         base, path = split_url(url)
-        channel, reused = await self._connect(base, connect_timeout)
+        channel, reused = await self.connect(base, connect_timeout)
         on_sent(reused)
         left = deadline - asyncio.get_running_loop().time()
         timeout = max(left, 0.001) if left != float("inf") else None
@@ -110,7 +110,7 @@ class GrpcClient:
             call.cancel()  # a try given up (timeout, client gone) stops the upstream at once
             raise
 
-    async def _connect(self, base: str, timeout: float) -> tuple[aio.Channel, bool]:
+    async def connect(self, base: str, timeout: float) -> tuple[aio.Channel, bool]:
         """A ready channel to `base`, and whether it already was (a reused connection)."""
         channel = self.channel(base)
         state = channel.get_state(try_to_connect=True)
