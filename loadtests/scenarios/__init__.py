@@ -3,7 +3,17 @@
 
 from __future__ import annotations
 
-from . import ceiling, chaos, cpu_per_chunk, disconnect, memory, routing, stream_rate, ttfc
+from . import (
+    ceiling,
+    chaos,
+    cpu_per_chunk,
+    disconnect,
+    grpc,
+    memory,
+    routing,
+    stream_rate,
+    ttfc,
+)
 
 SCENARIOS = {m.KEY: m for m in (ceiling, ttfc, cpu_per_chunk, stream_rate, memory, disconnect,
-                                routing, chaos)}
+                                routing, chaos, grpc)}
