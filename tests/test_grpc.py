@@ -17,7 +17,7 @@ from grpc import aio
 from tests.conftest import GatewayProcess
 from tests.support.grpc_calls import call, grpc_config
 from tests.support.grpc_procs import ScriptedGrpc
-from tests.support.grpc_upstream import ONE, STREAM, request, token
+from tests.support.grpc_upstream import JOIN, ONE, STREAM, request, token
 from tests.test_admission import gauges_return_to_zero
 from tests.test_metrics import scrape
 
@@ -57,11 +57,14 @@ async def test_messages_metadata_and_status_pass_through(start_gateway, grpc_up,
     await gauges_return_to_zero(client, gw, "slots")
 
 
-async def test_a_unary_method_is_relayed_too(start_gateway, grpc_up):
+async def test_unary_and_client_streaming_methods_are_relayed_too(start_gateway, grpc_up):
     _, target = await gateway(start_gateway, grpc_up.url)
     async with aio.insecure_channel(target) as channel:
         raw = await channel.unary_unary(ONE)(request(prompt="u"), timeout=5)
-    assert token(raw).text == "u-0"
+        assert token(raw).text == "u-0"
+        requests = [request(prompt=p) for p in ("a", "b", "c")]
+        raw = await channel.stream_unary(JOIN)(iter(requests), timeout=5)
+    assert (token(raw).text, token(raw).index) == ("a+b+c", 3)
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,7 @@ def test_a_descriptor_set_without_the_method_is_refused(tmp_path):
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file_descriptor()]).SerializeToString())
     route = f"- {{name: r, upstream: g, grpc_bridge: {{method: /streamtest.Tokens/Nope, descriptor_set: {path}}}}}\n"
     (error,) = errors_of(route)
-    assert error.endswith("service 'streamtest.Tokens' has no method 'Nope' (it has: One, Stream)")
+    assert error.endswith("service 'streamtest.Tokens' has no method 'Nope' (it has: Join, One, Stream)")
 
 
 def test_explain_shows_a_grpc_call_and_its_route(tmp_path):

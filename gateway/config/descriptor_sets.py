@@ -8,11 +8,33 @@ lazily through a descriptor database, so they may come in any order.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 from collections.abc import Iterable
 
 from google.protobuf import descriptor_database, descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError
+
+from gateway.config.model import GatewayConfig
+
+
+def anchor_descriptor_sets(cfg: GatewayConfig, base: str) -> GatewayConfig:
+    """A relative `grpc_bridge.descriptor_set` is relative to the config file's directory."""
+    routes = tuple(
+        dataclasses.replace(
+            r,
+            grpc_bridge=dataclasses.replace(
+                r.grpc_bridge, descriptor_set=os.path.join(base, r.grpc_bridge.descriptor_set)
+            ),
+        )
+        if r.grpc_bridge is not None
+        and r.grpc_bridge.descriptor_set
+        and not os.path.isabs(r.grpc_bridge.descriptor_set)
+        else r
+        for r in cfg.routes
+    )
+    return dataclasses.replace(cfg, routes=routes)
 
 
 class DescriptorSetError(Exception):

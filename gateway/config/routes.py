@@ -155,7 +155,8 @@ class GrpcBridgeConfig:
     """The full method name, `/package.Service/Method`."""
     descriptor_set: str | None = None
     """A FileDescriptorSet file (`protoc --include_imports --descriptor_set_out=FILE`) that
-    describes the method; absent: asked of the upstream by server reflection
+    describes the method, relative to the config file's directory; read when the config is
+    loaded (a missing file or method is a config error). Absent: asked of the upstream by server reflection
     (`grpc.reflection.v1`, else `v1alpha`) on first use, and kept until a reload."""
     output: Literal["sse", "ndjson"] = "sse"
     """`sse`: each message is one `data: {json}` event and a clean end adds `data: [DONE]`; a

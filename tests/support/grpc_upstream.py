@@ -30,7 +30,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc import aio
 
 PACKAGE, SERVICE = "streamtest", "streamtest.Tokens"
-STREAM, ONE = f"/{SERVICE}/Stream", f"/{SERVICE}/One"
+STREAM, ONE, JOIN = f"/{SERVICE}/Stream", f"/{SERVICE}/One", f"/{SERVICE}/Join"
 ANNOUNCE = re.compile(r"listening on (?P<url>grpc://\S+)")
 
 
@@ -67,6 +67,12 @@ def file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     )
     service.method.add(
         name="One", input_type=".streamtest.TokensRequest", output_type=".streamtest.Token"
+    )
+    service.method.add(
+        name="Join",
+        input_type=".streamtest.TokensRequest",
+        output_type=".streamtest.Token",
+        client_streaming=True,
     )
     return proto
 
@@ -133,6 +139,11 @@ class Tokens:
             say("cancelled", tag)
             raise
 
+    async def join(self, requests, context: aio.ServicerContext) -> bytes:
+        """Client-streaming: one Token with every request's prompt, joined."""
+        prompts = [TokensRequest.FromString(raw).prompt async for raw in requests]
+        return Token(text="+".join(prompts), index=len(prompts)).SerializeToString()
+
     async def one(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         async for message in self.stream(raw, context, unary=True):
             return message
@@ -149,6 +160,7 @@ async def serve(args: argparse.Namespace) -> None:
     handlers = {
         "Stream": grpc.unary_stream_rpc_method_handler(tokens.stream),
         "One": grpc.unary_unary_rpc_method_handler(tokens.one),
+        "Join": grpc.stream_unary_rpc_method_handler(tokens.join),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health = HealthServicer()

@@ -39,10 +39,10 @@ DONE = b"data: [DONE]\n\n"
 
 
 def enter_bridge(ctx: RequestContext, route: Route) -> None:
-    """The request is admitted on a bridge route: its tries call the route's method."""
+    """The request is admitted on a bridge route: its tries call the route's method (whatever
+    the request's path, which stays what the client sent, for logs)."""
     BRIDGE.set(route.grpc_bridge)
     ctx.upstream_protocol = "grpc_bridge"
-    ctx.path = route.grpc_bridge.method
 
 
 class BridgeClient:
@@ -79,8 +79,9 @@ class BridgeClient:
             err = UpstreamStatus(f"cannot describe {bridge.method}: {exc}", 502)
             raise AttemptFailed(err, ("descriptors",), ejects=False) from None
         request = wire.request_body((_request_message(body, types),))
+        call_url = base + bridge.method
         response = await self.grpc.send(
-            method, url, request, headers, connect_timeout, on_sent, deadline
+            method, call_url, request, headers, connect_timeout, on_sent, deadline
         )
         return BridgeResponse(response, types, bridge.output == "sse")
 
