@@ -156,8 +156,9 @@ class GrpcBridgeConfig:
     descriptor_set: str | None = None
     """A FileDescriptorSet file (`protoc --include_imports --descriptor_set_out=FILE`) that
     describes the method, relative to the config file's directory; read when the config is
-    loaded (a missing file or method is a config error). Absent: asked of the upstream by server reflection
-    (`grpc.reflection.v1`, else `v1alpha`) on first use, and kept until a reload."""
+    loaded (a missing file or method is a config error). Absent: asked of the upstream by
+    server reflection (`grpc.reflection.v1`, else `v1alpha`) on first use, and kept until a
+    reload."""
     output: Literal["sse", "ndjson"] = "sse"
     """`sse`: each message is one `data: {json}` event and a clean end adds `data: [DONE]`; a
     failure after the first message is an `event: error`. `ndjson`: one JSON line per message;
