@@ -134,8 +134,8 @@ class Gateway:
             log.exception("reload rejected: the new config could not be started")
             return [f"{self.config_path}: the new config could not be started: {exc}"]
         for section, key in (("server", "listen"), ("admin", "listen"), ("server", "grpc_listen")):
-            old, new = getattr(self.config, section), getattr(config, section)
-            if getattr(old, key) != getattr(new, key):
+            was, now = getattr(self.config, section), getattr(config, section)
+            if getattr(was, key) != getattr(now, key):
                 log.warning("%s.%s changed: it takes effect on restart", section, key)
         self.proxy.runtime = runtime
         self.config = config

@@ -14,6 +14,7 @@ from gateway.observe.tracing import Tracing
 from gateway.protocols.grpc.bridge import BridgeClient
 from gateway.protocols.grpc.client import GrpcClient
 from gateway.protocols.grpc.health import GrpcHealthChecker
+from gateway.protocols.grpc.workers import GrpcWorkerSupervisor
 from gateway.protocols.http.client import HttpClient
 from gateway.protocols.ws.client import WsClient
 from gateway.upstreams.health import HealthChecker
@@ -98,5 +99,8 @@ async def _start_worker_pools(
         if name in kept and kept[name].config == upstream:
             supervisors[name] = kept[name]
         else:
-            supervisors[name] = WorkerSupervisor(name, upstream, metrics, _clients)
+            grpc = upstream.protocol == "grpc"
+            supervisor_type = GrpcWorkerSupervisor if grpc else WorkerSupervisor
+            clients = _grpc_clients if grpc else _clients
+            supervisors[name] = supervisor_type(name, upstream, metrics, clients)
             await supervisors[name].start()

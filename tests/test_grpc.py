@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 
 import pytest
@@ -248,3 +249,23 @@ async def test_the_production_server_relays_calls(tmp_path, grpc_up):
         answer = await call(target, prompt="u", n=3)
         assert (answer.code, answer.texts) == ("OK", ["u-0", "u-1", "u-2"])
     assert await gw.stop() == 0
+
+
+async def test_a_grpc_worker_pool_is_supervised_probed_and_served(start_gateway):
+    """`kind: worker_pool, protocol: grpc`: workers reached at grpc://, ready by grpc.health."""
+    pool = (
+        "    kind: worker_pool\n    protocol: grpc\n    count: 2\n"
+        f'    command: ["{sys.executable}", "-m", "tests.support.grpc_upstream", "--port", "{{port}}"]\n'
+        "    ready: {timeout: 20s, interval: 50ms}\n"
+    )
+    text = grpc_config("grpc://127.0.0.1:1").replace(
+        '    kind: grpc\n    endpoints: [{url: "grpc://127.0.0.1:1"}]\n', pool
+    )
+    gw = await start_gateway(text)
+    endpoints = gw.runtime.pools["g"].endpoints
+    assert all(ep.url.startswith("grpc://127.0.0.1:") for ep in endpoints)
+    async with asyncio.timeout(20):
+        while not all(ep.healthy for ep in endpoints):
+            await asyncio.sleep(0.02)
+    answer = await call(gw.gateway.grpc.address, prompt="w", n=2)
+    assert (answer.code, answer.texts) == ("OK", ["w-0", "w-1"])

@@ -56,7 +56,7 @@ def test_a_grpc_config_loads():
         pytest.param(
             "- {name: r, upstream: h, grpc: {}}\n",
             UPSTREAMS,
-            "gw.yaml:5:25: routes[0].upstream: upstream 'h' is kind http, not grpc",
+            "gw.yaml:5:25: routes[0].upstream: upstream 'h' does not speak gRPC (kind http)",
             id="http-upstream-on-a-grpc-route",
         ),
         pytest.param(

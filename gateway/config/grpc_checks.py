@@ -6,7 +6,7 @@ import re
 from urllib.parse import urlsplit
 
 from gateway.config.descriptor_sets import DescriptorSetError, find_method
-from gateway.config.model import GatewayConfig, GrpcUpstream
+from gateway.config.model import GatewayConfig, GrpcUpstream, WorkerPoolUpstream
 from gateway.config.routes import Route
 from gateway.config.rules import Problem, Problems, at_least, positive
 
@@ -50,7 +50,9 @@ def check_grpc_route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
         upstream = cfg.upstreams.get(name)
         if upstream is None:
             continue  # reported as an unknown upstream
-        is_grpc = isinstance(upstream, GrpcUpstream)
+        is_grpc = isinstance(upstream, GrpcUpstream) or (
+            isinstance(upstream, WorkerPoolUpstream) and upstream.protocol == "grpc"
+        )
         if is_grpc and not wants_grpc:
             message = (
                 f"upstream '{name}' speaks gRPC: the route needs a grpc block (gRPC calls) or "
@@ -58,7 +60,7 @@ def check_grpc_route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
             )
             yield Problem(where, message)
         elif wants_grpc and not is_grpc:
-            yield Problem(where, f"upstream '{name}' is kind {upstream.kind}, not grpc")
+            yield Problem(where, f"upstream '{name}' does not speak gRPC (kind {upstream.kind})")
     if route.grpc is not None:
         yield from _call_route(path, route)
     if route.grpc_bridge is not None:

@@ -194,6 +194,9 @@ class WorkerPoolUpstream:
     command: tuple[str, ...]
     """Argument vector; `{port}`, `{gpu}` and `{index}` are substituted per worker."""
     kind: Literal["worker_pool"] = "worker_pool"
+    protocol: Literal["http", "grpc"] = "http"
+    """What the workers serve: `http` (probed with GET `ready.path`), or `grpc` (reached at
+    grpc://host:port, probed with grpc.health.v1; routes to it need `grpc` or `grpc_bridge`)."""
     gpus: tuple[str, ...] | None = None
     """One worker per entry, with CUDA_VISIBLE_DEVICES set to it. Exclusive with `count`."""
     count: int | None = None

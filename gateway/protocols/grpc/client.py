@@ -53,7 +53,7 @@ class GrpcClient:
         self._options = (
             ("grpc.enable_retries", 0),
             ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.max_receive_message_length", pool.config.max_message_size),
+            ("grpc.max_receive_message_length", getattr(pool.config, "max_message_size", -1)),
             ("grpc.max_send_message_length", -1),
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
