@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="dry run: which route a request takes, its limits, upstreams, timeouts"
     )
     explain.add_argument("path", help="config file")
-    explain.add_argument("--method", required=True)
+    explain.add_argument("--method", default=None, help="required unless --grpc (always POST)")
+    explain.add_argument(
+        "--grpc", action="store_true", help="a gRPC call (server.grpc_listen); --path: its method"
+    )
     explain.add_argument("--path", dest="request_path", required=True, metavar="PATH")
     explain.add_argument("--header", action="append", default=[], metavar="K:V")
     explain.add_argument("--body", default=None, metavar="JSON")
@@ -59,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         from gateway.explain import explain
 
-        return explain(args.path, args.method, args.request_path, args.header, args.body)
+        if args.method is None and not args.grpc:
+            print("explain: --method is required (or --grpc)", file=sys.stderr)
+            return 2
+        method = "POST" if args.grpc else args.method
+        return explain(args.path, method, args.request_path, args.header, args.body, args.grpc)
     if args.command == "schema":
         return schema()
     return 2

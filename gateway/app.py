@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -25,9 +24,11 @@ from gateway.engine.pipeline import Proxy
 from gateway.engine.runtime import Runtime
 from gateway.errors import ConfigErrors, Draining
 from gateway.observe.metrics import Metrics
+from gateway.protocols.grpc.server import GrpcServer
 from gateway.protocols.http.connection import GatewayServer
 from gateway.protocols.http.server import HttpServer
 from gateway.protocols.ws.server import WsServer, is_upgrade
+from gateway.tuning import install_event_loop_policy, settle_garbage_collector
 
 log = logging.getLogger("streamgate")
 
@@ -48,6 +49,8 @@ class Gateway:
         """Runtimes a reload replaced, closing once their streams are done."""
         self._stopped = asyncio.Event()
         self._draining = False
+        self.grpc: GrpcServer | None = None
+        """The gRPC listener, when `server.grpc_listen` is set (its `address` once started)."""
         self.metrics = Metrics(lambda: self.proxy.runtime if self.proxy is not None else None)
 
     @property
@@ -78,6 +81,9 @@ class Gateway:
             admin_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         _, admin_url = await self._listen(admin_runner, self.config.admin.listen)
+        if self.config.server.grpc_listen is not None:
+            self.grpc = GrpcServer(self.proxy)
+            await self.grpc.start(self.config.server)
         if self.config_path and os.path.exists(self.config_path):
             self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
         return proxy_url, admin_url
@@ -127,9 +133,10 @@ class Gateway:
             self.metrics.config_reloads.labels("error").inc()
             log.exception("reload rejected: the new config could not be started")
             return [f"{self.config_path}: the new config could not be started: {exc}"]
-        for section in ("server", "admin"):
-            if getattr(config, section).listen != getattr(self.config, section).listen:
-                log.warning("%s.listen changed: it takes effect on restart", section)
+        for section, key in (("server", "listen"), ("admin", "listen"), ("server", "grpc_listen")):
+            was, now = getattr(self.config, section), getattr(config, section)
+            if getattr(was, key) != getattr(now, key):
+                log.warning("%s.%s changed: it takes effect on restart", section, key)
         self.proxy.runtime = runtime
         self.config = config
         self.metrics.config_reloads.labels("ok").inc()
@@ -168,6 +175,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.grpc is not None:  # streams were drained or ended with the proxy's
+            await self.grpc.stop(grace=1.0)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -199,33 +208,12 @@ def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _settle_garbage_collector() -> None:
-    """Keep collector pauses out of stream latency. Everything built at start-up (modules,
-    config, pools) lives as long as the process: frozen, full collections no longer walk it.
-    Requests allocate many short-lived containers: a higher first threshold collects them in
-    fewer, still small, passes."""
-    gc.collect()
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
-
-
-GC_FIRST_THRESHOLD = 20_000
-
-
-def _install_event_loop_policy() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 async def _serve(config_path: str, config: GatewayConfig) -> int:
     gateway = Gateway(config_path, config)
     proxy_url, admin_url = await gateway.start()
-    _settle_garbage_collector()
-    print(f"streamgate listening on {proxy_url} (admin {admin_url})", flush=True)
+    settle_garbage_collector()
+    grpc = f" (grpc {gateway.grpc.address})" if gateway.grpc is not None else ""
+    print(f"streamgate listening on {proxy_url} (admin {admin_url}){grpc}", flush=True)
     loop = asyncio.get_running_loop()
     terms = 0
 
@@ -260,7 +248,7 @@ def serve(config_path: str) -> int:
     except OSError as exc:
         print(f"{config_path}: cannot read config: {exc.strerror}", file=sys.stderr)
         return 1
-    _install_event_loop_policy()
+    install_event_loop_policy()
     return asyncio.run(_serve(config_path, config))
 
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 import asyncio
 
 from gateway.admission.admit import Admission
-from gateway.config.model import GatewayConfig, HttpUpstream, WorkerPoolUpstream
+from gateway.config.model import GatewayConfig, GrpcUpstream, HttpUpstream, WorkerPoolUpstream
 from gateway.engine.runtime import Runtime
 from gateway.observe.metrics import Metrics
 from gateway.observe.tracing import Tracing
+from gateway.protocols.grpc.bridge import BridgeClient
+from gateway.protocols.grpc.client import GrpcClient
+from gateway.protocols.grpc.health import GrpcHealthChecker
+from gateway.protocols.grpc.workers import GrpcWorkerSupervisor
 from gateway.protocols.http.client import HttpClient
 from gateway.protocols.ws.client import WsClient
 from gateway.upstreams.health import HealthChecker
@@ -25,9 +29,9 @@ async def start_runtime(
     but only once the new runtime is whole: if any part fails to start, what was started
     is stopped and `previous` keeps everything it had."""
     pools = {
-        name: http_pool(name, upstream, metrics, _clients)
+        name: http_pool(name, upstream, metrics, _CLIENTS[type(upstream)])
         for name, upstream in config.upstreams.items()
-        if isinstance(upstream, HttpUpstream)
+        if not isinstance(upstream, WorkerPoolUpstream)
     }
     kept = previous.supervisors if previous is not None else {}
     supervisors: dict[str, WorkerSupervisor] = {}
@@ -51,10 +55,15 @@ async def start_runtime(
     pools.update((name, supervisor.pool) for name, supervisor in supervisors.items())
     runtime = Runtime(config, pools, metrics, admission, supervisors, tracing)
     for name, upstream in config.upstreams.items():
-        if isinstance(upstream, HttpUpstream) and upstream.health is not None:
-            checker = HealthChecker(pools[name], upstream.health)
-            checker.start()
-            runtime.health_checkers.append(checker)
+        if isinstance(upstream, WorkerPoolUpstream) or upstream.health is None:
+            continue
+        pool = pools[name]
+        if isinstance(upstream, GrpcUpstream):
+            checker = GrpcHealthChecker(pool, upstream.health, pool.clients["grpc"])
+        else:
+            checker = HealthChecker(pool, upstream.health)
+        checker.start()
+        runtime.health_checkers.append(checker)
     return runtime
 
 
@@ -63,6 +72,16 @@ def _clients(pool) -> HttpClient:
     http = HttpClient(pool)
     pool.clients["websocket"] = WsClient(http)
     return http
+
+
+def _grpc_clients(pool) -> GrpcClient:
+    """A gRPC pool's clients: gRPC calls, and HTTP requests bridged to gRPC methods."""
+    grpc = pool.clients["grpc"] = GrpcClient(pool)
+    pool.clients["grpc_bridge"] = BridgeClient(grpc)
+    return grpc
+
+
+_CLIENTS = {HttpUpstream: _clients, GrpcUpstream: _grpc_clients}
 
 
 async def _start_worker_pools(
@@ -80,5 +99,8 @@ async def _start_worker_pools(
         if name in kept and kept[name].config == upstream:
             supervisors[name] = kept[name]
         else:
-            supervisors[name] = WorkerSupervisor(name, upstream, metrics, _clients)
+            grpc = upstream.protocol == "grpc"
+            supervisor_type = GrpcWorkerSupervisor if grpc else WorkerSupervisor
+            clients = _grpc_clients if grpc else _clients
+            supervisors[name] = supervisor_type(name, upstream, metrics, clients)
             await supervisors[name].start()

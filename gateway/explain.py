@@ -9,7 +9,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
-from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
+from gateway.config.model import EjectConfig, GatewayConfig, GrpcUpstream, HttpUpstream
 from gateway.config.routes import Route
 from gateway.engine.routing import RequestFacts, Router
 from gateway.engine.usage_request import asks_for_usage
@@ -18,7 +18,14 @@ from gateway.explain_protocol import protocol_line
 from gateway.protocols.http.target import BadTarget, parse_target
 
 
-def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:
+def explain(
+    config_path: str,
+    method: str,
+    path: str,
+    headers: list[str],
+    body: str | None,
+    grpc: bool = False,
+) -> int:
     try:
         config = load_config(config_path)
     except ConfigErrors as errors:
@@ -32,7 +39,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
         print(f"result: the gateway answers 400: {exc.message}")
         return 0
     try:
-        facts, stream = _facts(method, target.path, headers, body)
+        facts, stream = _facts(method, target.path, headers, body, "grpc" if grpc else "http")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
@@ -42,7 +49,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
 
 
 def _facts(
-    method: str, path: str, header_args: list[str], body: str | None
+    method: str, path: str, header_args: list[str], body: str | None, protocol: str = "http"
 ) -> tuple[RequestFacts, bool]:
     headers: CIMultiDict[str] = CIMultiDict()
     for item in header_args:
@@ -65,6 +72,7 @@ def _facts(
         path.split("?", 1)[0],
         CIMultiDictProxy(headers),
         model if isinstance(model, str) else None,
+        protocol,
     )
     return facts, stream
 
@@ -73,9 +81,8 @@ def explain_lines(
     config: GatewayConfig, facts: RequestFacts, stream: bool, body: str | None = None
 ) -> list[str]:
     router = Router(config.routes)
-    lines = [
-        f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")
-    ]
+    said = "gRPC call" if facts.protocol == "grpc" else f"{facts.method}"
+    lines = [f"request: {said} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")]
     chosen: Route | None = None
     for compiled in router.compiled:
         why_not = compiled.mismatch(facts)
@@ -92,6 +99,11 @@ def explain_lines(
     # A session, and an answer bridged from a WebSocket to SSE, are charged as streams.
     stream = stream or chosen.websocket is not None or chosen.websocket_upstream is not None
     kind = "websocket session (charged as a stream)" if chosen.websocket else None
+    if chosen.grpc is not None:
+        stream = chosen.grpc.stream
+        kind = f"gRPC call (charged as {'a stream' if stream else 'unary'}, per grpc.stream)"
+    elif chosen.grpc_bridge is not None:
+        stream, kind = True, "HTTP bridged to a gRPC method (an event stream)"
     lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
     lines.extend(_limit_lines(config, chosen, stream, body, facts.path))
     lines.extend(_upstream_lines(config, chosen))
@@ -185,9 +197,10 @@ def _upstream_lines(config: GatewayConfig, route: Route) -> list[str]:
     for i, (name, model) in enumerate(hops, 1):
         upstream = config.upstreams[name]
         rewrite = f", model rewritten to {model!r}" if model else ""
-        if isinstance(upstream, HttpUpstream):
+        if isinstance(upstream, HttpUpstream | GrpcUpstream):
             endpoints = ", ".join(f"{e.url} (weight {e.weight})" for e in upstream.endpoints)
-            lines.append(f"  {i}. {name}: http, {upstream.balance} over {endpoints}{rewrite}")
+            said = f"{upstream.kind}, {upstream.balance} over {endpoints}{rewrite}"
+            lines.append(f"  {i}. {name}: {said}")
         else:
             workers = len(upstream.gpus) if upstream.gpus is not None else upstream.count
             lines.append(f"  {i}. {name}: worker pool of {workers}, {upstream.balance}{rewrite}")

@@ -1,5 +1,5 @@
 """`streamgate explain`'s line on how a route speaks to its client and upstream: the framing,
-a WebSocket session or a bridge."""
+a WebSocket session, gRPC calls, or a bridge."""
 
 from __future__ import annotations
 
@@ -10,6 +10,16 @@ def protocol_line(route: Route) -> str:
     bridge = route.websocket_upstream
     if route.websocket is not None:
         return _websocket_line(route)
+    if route.grpc is not None:
+        glob = f"method glob {route.grpc.method!r}; " if route.grpc.method != "*" else ""
+        return (
+            f"grpc: {glob}messages relayed as opaque bytes; commits at the first response "
+            "message (initial metadata held until then); after it a failure ends the call "
+            "with UNAVAILABLE or DEADLINE_EXCEEDED, never OK; the caller's deadline goes "
+            "upstream shortened by the time spent"
+        )
+    if route.grpc_bridge is not None:
+        return _grpc_bridge_line(route)
     if bridge is None:
         return _framing_line(route.framing)
     done = ", then data: [DONE]" if bridge.done_event else ""
@@ -18,6 +28,18 @@ def protocol_line(route: Route) -> str:
         "first message, each upstream message is one SSE data event; "
         f"{_answer_end(bridge.answer_end)} (or a 1000 close) ends it cleanly{done}; anything "
         f"else ends it with event: error; messages up to {bridge.max_message_size} bytes"
+    )
+
+
+def _grpc_bridge_line(route: Route) -> str:
+    bridge = route.grpc_bridge
+    source = bridge.descriptor_set or "the upstream's server reflection"
+    each = "one SSE data event, then data: [DONE]" if bridge.output == "sse" else "one line"
+    return (
+        f"grpc bridge: the JSON body becomes {bridge.method}'s request (descriptors from "
+        f"{source}); each response message is {each}; a status before the first message "
+        "is answered as its HTTP status, after it "
+        + ("an event: error" if bridge.output == "sse" else "the connection is aborted")
     )
 
 

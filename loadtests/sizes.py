@@ -51,6 +51,11 @@ class Sizes:
     ws_repeats: int = 3
     ws_rounds: int = 3
     ws_disconnect_tries: int = 30
+    # 9. gRPC beside SSE: paced streams through one gateway, then cancels one at a time
+    grpc_streams: int = 128
+    grpc_messages: int = 64
+    grpc_interval_s: float = 0.02
+    grpc_cancel_tries: int = 30
     # every load phase
     timeout_s: float = 120.0
     quiet_wait_s: float = 30.0  # before each scenario, wait up to this long for a quiet machine
@@ -74,6 +79,9 @@ QUICK = Sizes(
     memory_levels=(200,),
     memory_warmup_streams=50,
     disconnect_tries=5,
+    grpc_streams=32,
+    grpc_messages=16,
+    grpc_cancel_tries=5,
     routing_levels=(10, 100),
     routing_requests=300,
     routing_match_calls=2000,

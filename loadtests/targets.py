@@ -95,11 +95,12 @@ async def start_gateway(
     telemetry: dict | None = None,
     routes: str | None = None,
     source: Path | None = None,
+    grpc_upstream: str | None = None,
 ) -> Target:
     """`python -m gateway serve` on a generated config in `workdir`, pinned to the proxy core;
     the gateway package is imported from `source` (another checkout) when given."""
     config = workdir / f"{name}-{upstream.port}-{len(group.children)}.yaml"
-    config.write_text(gateway_yaml(upstream.url, telemetry, routes))
+    config.write_text(gateway_yaml(upstream.url, telemetry, routes, grpc_upstream))
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     child = await group.spawn(name, argv, cpus=layout.proxy, announce=GATEWAY_ANNOUNCE,
                               **({"cwd": source} if source is not None else {}))

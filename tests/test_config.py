@@ -681,7 +681,7 @@ SHAPE_ERRORS = [
           a: {balance: weighted}
         routes: [{name: r, upstream: a}]
         """,
-        "gw.yaml:2:6: upstreams.a: missing required key 'kind' (http or worker_pool)",
+        "gw.yaml:2:6: upstreams.a: missing required key 'kind' (http or worker_pool or grpc)",
     ),
     case(
         "upstream-unknown-kind",
@@ -690,7 +690,7 @@ SHAPE_ERRORS = [
           a: {kind: htp, endpoints: [{url: "http://h"}]}
         routes: [{name: r, upstream: a}]
         """,
-        "gw.yaml:2:13: upstreams.a.kind: expected one of http, worker_pool,"
+        "gw.yaml:2:13: upstreams.a.kind: expected one of http, worker_pool, grpc,"
         " got 'htp' (did you mean 'http'?)",
     ),
     case(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from gateway.config.grpc_checks import check_grpc_upstream
 from gateway.config.model import (
     EjectConfig,
     GatewayConfig,
+    GrpcUpstream,
     HealthConfig,
     HttpUpstream,
     WorkerPoolUpstream,
@@ -156,7 +158,11 @@ def _worker_count(path: str, pool: WorkerPoolUpstream) -> Problems:
         yield from at_least(f"{path}.count", pool.count, 1)
 
 
-_UPSTREAM_CHECKS = {HttpUpstream: _http, WorkerPoolUpstream: _worker_pool}
+_UPSTREAM_CHECKS = {
+    HttpUpstream: _http,
+    WorkerPoolUpstream: _worker_pool,
+    GrpcUpstream: check_grpc_upstream,
+}
 
 
 # ----------------------------------------------------------------- limits

@@ -19,6 +19,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.config.checks import check
+from gateway.config.descriptor_sets import anchor_descriptor_sets
 from gateway.config.fields import COMPLETE, NORMALIZE, SHORTHAND, FieldSpec, kind_of, yaml_fields
 from gateway.config.model import GatewayConfig
 from gateway.config.rules import Problem, did_you_mean
@@ -59,6 +60,7 @@ def load_config_text(text: str, source: str, env: Mapping[str, str] | None = Non
         raise ConfigErrors(converter.errors) from None
     if converter.errors:  # unknown and duplicate keys are reported without failing the value
         raise ConfigErrors(converter.errors)
+    cfg = anchor_descriptor_sets(cfg, os.path.dirname(source))
     problems = check(cfg)
     if problems:
         raise ConfigErrors([converter.position(p) for p in problems])

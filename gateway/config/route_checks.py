@@ -6,6 +6,8 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from gateway.config.grpc_checks import check_grpc_route
+from gateway.config.grpc_status import GRPC_STATUS_NAMES
 from gateway.config.model import GatewayConfig
 from gateway.config.routes import RESUME_CONDITIONS, AnswerEnd, RetryPolicy, Route, RouteMatch
 from gateway.config.rules import (
@@ -63,6 +65,7 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
         yield from _hedge(f"{path}.hedge", route)
     if route.resume is not None:
         yield from _resume(f"{path}.resume", route)
+    yield from check_grpc_route(path, route, cfg)
 
 
 def _hedge(path: str, route: Route) -> Problems:
@@ -87,6 +90,8 @@ def _resume(path: str, route: Route) -> Problems:
     yield from at_least(f"{path}.max_prefix_bytes", resume.max_prefix_bytes, 1)
     if route.websocket is not None:
         yield Problem(path, "resume continues SSE chat completions, not websocket sessions")
+    elif route.grpc is not None or route.grpc_bridge is not None:
+        yield Problem(path, "resume continues SSE chat completions from HTTP upstreams, not gRPC")
     elif route.framing.kind not in ("auto", "sse"):
         kind = route.framing.kind
         yield Problem(path, f"resume continues SSE chat completions, not framing {kind}")
@@ -165,9 +170,10 @@ def _condition(path: str, condition: str) -> Problems:
             "chunk_gap_timeout cannot be retried: it happens after the commit point,"
             " and after the commit point there is never a retry",
         )
-    elif condition not in RETRY_CONDITIONS:
+    elif condition not in RETRY_CONDITIONS and condition not in GRPC_STATUS_NAMES:
         # Any other word is an upstream JSON error code, so only a near miss of a known
-        # condition is flagged; the high cutoff keeps real error codes from looking like typos.
-        hint = did_you_mean(condition, RETRY_CONDITIONS, cutoff=0.8)
+        # condition (or gRPC status name) is flagged; the high cutoff keeps real error codes
+        # from looking like typos.
+        hint = did_you_mean(condition, RETRY_CONDITIONS + GRPC_STATUS_NAMES, cutoff=0.8)
         if hint:
             yield Problem(path, f"unknown condition '{condition}'{hint}")

@@ -9,7 +9,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.config.units import Bytes, KiB, MiB, Seconds, frozen_map
+from gateway.config.rescue import (  # noqa: F401 -- declared there, part of a route
+    RESUME_CONDITIONS,
+    HedgePolicy,
+    ResumePolicy,
+)
+from gateway.config.units import Bytes, MiB, Seconds, frozen_map
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +71,9 @@ class RetryPolicy:
     """Tries per upstream, the first included (3 = at most 3 requests to it)."""
     on: tuple[str, ...] = DEFAULT_RETRY_ON
     """Conditions retried on the same upstream: `connect_error`, `reset`, `empty_body`,
-    `first_chunk_timeout`, `pool_exhausted`, a status code, or an error code from the
-    upstream's JSON error body.
+    `first_chunk_timeout`, `pool_exhausted`, a status code, an error code from the
+    upstream's JSON error body, or a gRPC status name (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`, ...;
+    a gRPC status also matches its HTTP equivalent, UNAVAILABLE as `503`).
     Status codes are held as strings ("429")."""
     fallback_on: tuple[str, ...] = DEFAULT_FALLBACK_ON
     """Conditions that skip straight to the next fallback. Left out, it is the default minus
@@ -174,50 +180,38 @@ class WebSocketUpstream:
 
 
 @dataclass(frozen=True, slots=True)
-class HedgePolicy:
-    """Hedging a slow first token: when a try has sent no content for `after`, the next try
-    (another endpoint of the same upstream this request has not tried, else the next fallback)
-    starts beside it; the first to send content is relayed and every other try is closed at
-    once. Headers and a role-only SSE delta are not content. Admission charges the request
-    once: a hedge takes no concurrency units or token budget of its own; its extra load is
-    bounded by `max_extra`, by `budget_percent`, and by the upstream's `max_connections` (a
-    hedge takes one of them like any try). Only a request's own first answer is hedged (not
-    a resume)."""
+class GrpcRouteConfig:
+    """A route for gRPC calls (from `server.grpc_listen`). Such a route matches only gRPC
+    calls, and a route without this block never matches one. A call's route path is its
+    method, `/package.Service/Method`: `match.path` names one exactly, `match.path_prefix`
+    a service (`/package.Service/`), `method` a glob; `match.headers` matches its metadata.
+    Its upstream and fallbacks are `kind: grpc`."""
 
-    after: Seconds = 2.0
-    """No content this long after a try started: start the next one beside it."""
-    max_extra: int = 1
-    """Hedges per request at most (tries beside the first)."""
-    budget_percent: int = 10
-    """Percent (0-100) of the route's requests of the last 10 s that may be hedged, so
-    hedging never doubles the load on a struggling backend; at least one hedge per 10 s is
-    allowed, so a quiet route can hedge too. 0 never hedges."""
-
-
-RESUME_CONDITIONS = ("reset", "cut", "chunk_gap_timeout")
-"""The breaks after the commit point a resume can be asked for (`resume.on`)."""
+    method: str = "*"
+    """Glob on the full method name (`/blazerpc.InferenceService/Predict*`)."""
+    stream: bool = True
+    """Charge calls on this route the concurrency weight of a stream (true) or of a unary
+    request (false). A relay cannot tell a server-streaming method from a unary one (both
+    send one request message), so routes say it: put unary methods on a route of their own."""
 
 
 @dataclass(frozen=True, slots=True)
-class ResumePolicy:
-    """Resuming an OpenAI-style chat completion stream (SSE) that breaks after the commit point:
-    the gateway keeps the text it has relayed and asks the next try (another endpoint this
-    request has not tried, else the next fallback, else the same endpoint again while
-    `retry.attempts` allows) to continue it, with the same messages plus
-    an assistant message holding that text (how, is the upstream's `prefill`). Only what follows
-    is relayed, under the stream's first `id`; `[DONE]` and `usage` come from the upstream that
-    finished. A backend that refuses the prefill (400 or 422) is asked again without it, and its
-    answer is relayed from where the client's text ends, only if it begins with exactly that
-    text; otherwise the stream ends with `event: error` (`resume_diverged`)."""
+class GrpcBridgeConfig:
+    """An HTTP route whose upstream (`kind: grpc`) is a gRPC method: the JSON request body is
+    transcoded to the request message, each response message goes back as one JSON event."""
 
-    on: tuple[str, ...] = RESUME_CONDITIONS
-    """What triggers a resume: `reset` (the upstream dropped the connection mid-answer),
-    `cut` (the body ended with no `finish_reason` and no `[DONE]`), `chunk_gap_timeout`."""
-    max: int = 2
-    """Resumes per request at most."""
-    max_prefix_bytes: Bytes = 64 * KiB
-    """Text kept for a resume (UTF-8 bytes of the deltas' content); a longer answer is not
-    resumed (it ends as without `resume`)."""
+    method: str
+    """The full method name, `/package.Service/Method`."""
+    descriptor_set: str | None = None
+    """A FileDescriptorSet file (`protoc --include_imports --descriptor_set_out=FILE`) that
+    describes the method, relative to the config file's directory; read when the config is
+    loaded (a missing file or method is a config error). Absent: asked of the upstream by
+    server reflection (`grpc.reflection.v1`, else `v1alpha`) on first use, and kept until a
+    reload."""
+    output: Literal["sse", "ndjson"] = "sse"
+    """`sse`: each message is one `data: {json}` event and a clean end adds `data: [DONE]`; a
+    failure after the first message is an `event: error`. `ndjson`: one JSON line per message;
+    a failure after the first aborts the connection."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,3 +242,7 @@ class Route:
     resume: ResumePolicy | None = None
     """Resume a chat completion stream cut mid-answer (see ResumePolicy); absent: a stream
     that breaks after the commit point ends visibly, as always."""
+    grpc: GrpcRouteConfig | None = None
+    """Take gRPC calls on this route (see GrpcRouteConfig); absent: never a gRPC call."""
+    grpc_bridge: GrpcBridgeConfig | None = None
+    """Serve this HTTP route from a gRPC method (see GrpcBridgeConfig)."""

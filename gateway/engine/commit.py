@@ -89,7 +89,7 @@ async def read_until_commit(
     if status >= 400:
         body, complete = await _read_whole(response, ERROR_BODY_LIMIT)
         if complete:
-            raise _status_failure(status, headers, body)
+            raise _status_failure(status, headers, body, response.conditions)
         return Opened(status, headers, body, False, Framing(), response)
     framing = response.framing or choose(route.framing, headers, ctx.stream)
     if framing.streams:
@@ -138,13 +138,16 @@ async def _read_to_commit(
     return held, False
 
 
-def _status_failure(status: int, headers, body: bytes) -> AttemptFailed:
+def _status_failure(
+    status: int, headers, body: bytes, names: tuple[str, ...]
+) -> AttemptFailed:
     codes = _error_codes(body)
     held = HeldResponse(status, headers, body)
-    err = UpstreamStatus(f"upstream answered {status}", status)
+    said = f"{names[0]} ({status})" if names else str(status)
+    err = UpstreamStatus(f"upstream answered {said}", status)
     return AttemptFailed(
         err,
-        (str(status), *codes),
+        (*names, str(status), *codes),
         held=held,
         retry_after=_retry_after(headers.get("retry-after")),
         ejects=status >= 500,

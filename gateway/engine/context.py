@@ -96,7 +96,8 @@ class RequestContext:
         self.bytes = 0
         self.buffered_chunks = 0
         self.deadline = float("inf")
-        """Event-loop time at which `timeouts.total` runs out."""
+        """Event-loop time at which `timeouts.total` (or the caller's own deadline, when its
+        protocol sends one and it is sooner) runs out."""
         self.rate_remaining: tuple[int, int] | None = None
         """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
         self.token_budget: tuple[int, int, float] | None = None
@@ -115,9 +116,10 @@ class RequestContext:
         self.trace: RequestTrace | NullTrace = NULL_TRACE
         """This request's spans; the shared no-op when tracing is off."""
         self.protocol = "http"
-        """The client's protocol: "http", or "websocket" for a session."""
+        """The client's protocol: "http", "websocket" for a session, "grpc" for a gRPC call."""
         self.upstream_protocol = "http"
-        """Which of its pool's protocol clients a try uses ("http", "websocket")."""
+        """Which of its pool's protocol clients a try uses ("http", "websocket", "grpc",
+        "grpc_bridge")."""
         self.messages_in = 0
         """Messages the client sent upstream during a two-way session."""
         self.client_closed: tuple[int, str] | None = None

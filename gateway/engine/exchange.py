@@ -46,6 +46,9 @@ class UpstreamResponse(Protocol):
     send: Callable[[bytes], Awaitable[None]] | None
     """For a two-way exchange: send one message envelope to the upstream (waiting while its
     connection is backed up); None for a request/response protocol."""
+    conditions: tuple[str, ...]
+    """An error answer's names in the protocol's own words, matched against `retry.on` /
+    `fallback_on` before the status code (gRPC: the status name, `UNAVAILABLE`); () for HTTP."""
 
     def release(self) -> None:
         """The whole body was read: the connection may serve another request."""
@@ -69,11 +72,14 @@ class UpstreamClient(Protocol):
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ) -> UpstreamResponse:
         """Send one request and read the response's head. Calls `on_sent(reused)` once the
         connection is ready and the request goes out (`reused`: on a kept-alive connection,
         which may have died while idle); raises `UpstreamConnectError` when no connection
-        could be made (`refused=True` when nothing listened)."""
+        could be made (`refused=True` when nothing listened). `deadline` (event-loop time)
+        is when the whole exchange must be over: a protocol that carries deadlines (gRPC)
+        sends the upstream what is left of it; the engine's own timers enforce it anyway."""
         ...
 
     def drop_idle(self, endpoint: Endpoint) -> None:

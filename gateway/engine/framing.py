@@ -22,9 +22,11 @@ one stream, three questions:
 | unary   | the whole body      | a complete non-empty body  | abort                    |
 | truss   | a Truss Chains tag  | first ITEM frame           | abort; truncation aborts |
 | messages| a message envelope  | the first message          | a close envelope (1011)  |
+| grpc    | a gRPC message      | the first message          | a trailers frame, not OK |
 
-`messages` is not a route's choice: a protocol whose upstream answers in messages (WebSocket)
-names it on its response (`UpstreamResponse.framing`), see `messages.py`.
+`messages` and `grpc` are not a route's choice: a protocol whose upstream answers in messages
+names its framing on its response (`UpstreamResponse.framing`): WebSocket `Messages` (see
+`messages.py`), gRPC `GrpcMessages` (in its adapter, `protocols/grpc/framing.py`).
 
 A route names its framing (`framing:`) or leaves it to `auto`, which picks by the response's
 content type and whether the request asked for a stream (`choose`).

@@ -51,7 +51,7 @@ class Inbound(Protocol):
 
     async def read(self, server: ServerConfig) -> None:
         """Read the request (its target, headers and body, within `server`'s bounds) into
-        the context; set `route_path`."""
+        the context; set `route_path`, and `ctx.deadline` if the caller sent its own."""
 
     async def admitted(self, route: Route) -> None:
         """The request is admitted on `route`: read what could not be read before (a
@@ -88,7 +88,8 @@ class Proxy:
             await inbound.read(runtime.config.server)
             route = _route(runtime, ctx, inbound)
             ROUTE.set(route)
-            ctx.deadline = ctx.started + route.timeouts.total
+            # The caller's own deadline, where its protocol carries one, may be sooner.
+            ctx.deadline = min(ctx.deadline, ctx.started + route.timeouts.total)
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)
                 if ctx.token_budget is not None:  # a token budget charged it
@@ -151,12 +152,14 @@ async def _internal_error(ctx: RequestContext, exc: Exception, sink: Sink) -> No
 
 
 def _route(runtime: Runtime, ctx: RequestContext, inbound: Inbound) -> Route:
-    facts = RequestFacts(ctx.method, inbound.route_path, inbound.headers, ctx.model)
+    facts = RequestFacts(ctx.method, inbound.route_path, inbound.headers, ctx.model, ctx.protocol)
     route = runtime.router.match(facts)
     if route is None:
         raise NoRoute(f"no route matches {ctx.method} {inbound.route_path}")
     ctx.route = route
     ctx.upstream_protocol = upstream_protocol(route)
-    if route.websocket_upstream is not None:
-        ctx.stream = True  # bridged to SSE: charged as the stream it will be
+    if route.grpc is not None:  # a relay cannot tell a streaming call: its route says
+        ctx.stream = route.grpc.stream
+    elif route.websocket_upstream is not None or route.grpc_bridge is not None:
+        ctx.stream = True  # bridged to an event stream: charged as the stream it will be
     return route

@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from gateway.admission.admit import Admission
-from gateway.config.model import GatewayConfig, HttpUpstream
+from gateway.config.model import GatewayConfig, WorkerPoolUpstream
 from gateway.engine.context import RequestContext
 from gateway.engine.hedge import HedgeBudget
 from gateway.engine.routing import Router
@@ -60,7 +60,7 @@ class Runtime:
         for checker in self.health_checkers:
             await checker.stop()
         for name, pool in self.pools.items():
-            if isinstance(self.config.upstreams[name], HttpUpstream):
+            if not isinstance(self.config.upstreams[name], WorkerPoolUpstream):
                 await pool.close()  # a worker pool's belongs to its supervisor
         # Together: each may wait its stop_grace for workers to exit.
         await asyncio.gather(*(s.stop() for s in self.supervisors.values()))

@@ -59,7 +59,13 @@ async def try_once(
                     scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
 
             response = await client.send(
-                ctx.method, endpoint.url + ctx.path, body, headers, t.connect, request_sent
+                ctx.method,
+                endpoint.url + ctx.path,
+                body,
+                headers,
+                t.connect,
+                request_sent,
+                deadline=ctx.deadline,
             )
             if session is not None and response.send is not None:
                 # A session rests until asked: idle bounds the wait for its first message.

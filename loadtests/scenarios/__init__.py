@@ -8,6 +8,7 @@ from . import (
     chaos,
     cpu_per_chunk,
     disconnect,
+    grpc,
     memory,
     routing,
     stream_rate,
@@ -16,4 +17,4 @@ from . import (
 )
 
 SCENARIOS = {m.KEY: m for m in (ceiling, ttfc, cpu_per_chunk, stream_rate, memory, disconnect,
-                                routing, chaos, websocket)}
+                                routing, chaos, websocket, grpc)}

@@ -32,6 +32,7 @@ class HttpResponse:
     __slots__ = ("status", "headers", "read", "_response")
     framing = None  # the route's framing decides
     send = None  # request/response: nothing goes upstream once the request is sent
+    conditions = ()  # an error is judged by its status and JSON error body
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status = response.status
@@ -85,6 +86,7 @@ class HttpClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ) -> HttpResponse:
         pool = self.pool
         assert self.session is not None

@@ -68,6 +68,7 @@ class WsClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ):
         pool, route = self.http.pool, ROUTE.get()
         bridge = route.websocket is None  # an HTTP client: the answer is read as SSE
@@ -119,6 +120,7 @@ class _Refused:
 
     framing = None
     send = None
+    conditions = ()
 
     def __init__(self, status: int, headers) -> None:
         self.status, self.headers = status, headers
@@ -137,6 +139,7 @@ class WsResponse:
     """An open upstream WebSocket as the engine reads it: one envelope per message."""
 
     status = 101
+    conditions = ()
     __slots__ = ("ws", "headers", "framing", "_ended", "_we_closed")
 
     def __init__(self, ws: aiohttp.ClientWebSocketResponse, framing: Messages) -> None:
