@@ -29,7 +29,7 @@ from gateway.config.limits import (  # noqa: F401 -- declared there, part of thi
     Weights,
 )
 from gateway.config.routes import Route
-from gateway.config.units import Bytes, HostPort, KiB, MiB, Seconds, frozen_map
+from gateway.config.units import Bytes, HostPort, KiB, MiB, Processes, Seconds, frozen_map
 
 # --------------------------------------------------------------------------- server side
 
@@ -58,6 +58,12 @@ class ServerConfig:
     body_timeout: Seconds = 30.0
     """The longest a whole request body may take to arrive once its headers are in; past it,
     408 and the connection is closed."""
+    workers: Processes = 1
+    """Serving processes sharing `listen` (SO_REUSEPORT), one per core: `N` or `auto` (one
+    per available CPU). Above 1, a supervisor process starts them, restarts a crashed one,
+    reaches all of them with reloads and SIGTERM, and answers on `admin.listen` for all;
+    `scope: local` limits and `max_connections` are split between them (README, "One process
+    per core"). `streamgate serve --workers` overrides it; a change takes effect on restart."""
 
 
 @dataclass(frozen=True, slots=True)

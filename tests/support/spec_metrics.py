@@ -39,5 +39,6 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_token_budget_reserved_tokens_total",
         "streamgate_token_budget_settled_tokens_total",
         "streamgate_token_budget_refused_total",
+        "streamgate_process_restarts_total",
     }
 )
