@@ -62,7 +62,7 @@ class Gateway:
         return self._draining
 
     async def start(self) -> tuple[str, str]:
-        runtime = await start_runtime(self.config, self.metrics)
+        runtime = await self.start_runtime(self.config)
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
@@ -100,6 +100,12 @@ class Gateway:
         bound = runner.addresses[0]
         return site, http_url(bound[0], bound[1])
 
+    async def start_runtime(
+        self, config: GatewayConfig, previous: Runtime | None = None
+    ) -> Runtime:
+        """Build what `config` names; `previous`, on reload, hands over what may be kept."""
+        return await start_runtime(config, self.metrics, previous=previous)
+
     def load(self) -> GatewayConfig:
         """The config a reload switches to (raises ConfigErrors)."""
         return load_config(self.config_path)
@@ -121,7 +127,7 @@ class Gateway:
         old = self.runtime
         assert self.proxy is not None
         try:
-            runtime = await start_runtime(config, self.metrics, previous=old)
+            runtime = await self.start_runtime(config, previous=old)
         except Exception as exc:  # e.g. a worker pool that cannot start: keep the old one
             self.metrics.config_reloads.labels("error").inc()
             log.exception("reload rejected: the new config could not be started")

@@ -409,6 +409,7 @@ def children_of(pid: int) -> list[tuple[int, str]]:
 
 
 async def test_a_worker_pool_is_started_once_and_every_process_routes_to_it(run_gateway):
+    """And a reload that changes the pool starts the new one once and stops the old one."""
     pool = """\
         upstreams:
           llm:
@@ -434,3 +435,15 @@ async def test_a_worker_pool_is_started_once_and_every_process_routes_to_it(run_
     held = await one_stream_per_process(gateway)  # both processes reach the workers
     for stream in held.values():
         await stream.close()
+
+    path: Path = gateway.config_path  # type: ignore[attr-defined]
+    path.write_text(yaml_text.replace('"{port}"]', '"{port}", "--model", "renewed"]'))
+    assert await post_reload(gateway) == (200, {"result": "ok"})
+
+    async def replaced():
+        now = [(pid, cmd) for pid, cmd in children_of(gateway.proc.pid) if "fake-llm" in cmd]
+        return len(now) == 2 and all("renewed" in cmd and pid not in workers for pid, cmd in now)
+
+    await eventually(replaced, 30, "the new pool running and the old one stopped")
+    await eventually(workers_ready, 30, "the new workers in rotation")
+    assert [await request(gateway.url) for _ in range(4)] == [200] * 4

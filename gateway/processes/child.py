@@ -19,6 +19,7 @@ import sys
 
 from gateway.app import Gateway
 from gateway.config.model import GatewayConfig
+from gateway.engine.runtime import Runtime
 from gateway.errors import ConfigErrors
 from gateway.processes.bundle import Bundle
 from gateway.processes.run import configure_logging, install_event_loop_policy, run
@@ -30,23 +31,45 @@ class ServingProcess(Gateway):
     watch_interval = None
     reuse_port = True
 
-    def __init__(self, bundle_path: str, index: int, admin_port: int, config: GatewayConfig):
-        super().__init__(bundle_path, config)
+    def __init__(self, bundle_path: str, index: int, admin_port: int, bundle: Bundle) -> None:
+        super().__init__(bundle_path, bundle.config(index, admin_port))
         self.index = index
         self.admin_port = admin_port
+        self._worker_pools = set(bundle.worker_urls)
 
     def load(self) -> GatewayConfig:
-        return Bundle.read(self.config_path).config(self.index, self.admin_port)
+        bundle = Bundle.read(self.config_path)
+        config = bundle.config(self.index, self.admin_port)  # raises before anything changes
+        self._worker_pools = set(bundle.worker_urls)
+        return config
+
+    async def start_runtime(
+        self, config: GatewayConfig, previous: Runtime | None = None
+    ) -> Runtime:
+        """A worker of the supervisor's pools joins this process's rotation once its readiness
+        path answers (the health checker's first probe, at once), as it joins the pool's: a
+        new worker may still be loading its model. One this process already knew keeps its
+        state, so a reload leaves no gap."""
+        runtime = await super().start_runtime(config, previous)
+        known = {} if previous is None else {
+            endpoint.url: endpoint.healthy
+            for pool in previous.pools.values()
+            for endpoint in pool.endpoints
+        }
+        for name in self._worker_pools & runtime.pools.keys():
+            for endpoint in runtime.pools[name].endpoints:
+                endpoint.healthy = known.get(endpoint.url, False)
+        return runtime
 
 
 def serve_process(bundle_path: str, index: int, admin_port: int) -> int:
     configure_logging()
     try:
-        config = Bundle.read(bundle_path).config(index, admin_port)
+        gateway = ServingProcess(bundle_path, index, admin_port, Bundle.read(bundle_path))
     except ConfigErrors as errors:
         print(errors, file=sys.stderr)
         return 1
-    gateway = ServingProcess(bundle_path, index, admin_port, config)
+    config = gateway.config
 
     def announce(proxy_url: str, admin_url: str) -> None:
         pid = os.getpid()
