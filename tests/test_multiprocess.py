@@ -245,6 +245,20 @@ async def test_a_killed_process_is_restarted_while_the_port_keeps_serving(run_ga
         await stream.close()
 
 
+async def test_a_port_another_gateway_holds_is_refused_not_shared(run_gateway, llm, tmp_path):
+    running = await run_gateway(gateway_yaml(llm.url))
+    path = tmp_path / "second.yaml"
+    path.write_text(gateway_yaml(llm.url).replace("127.0.0.1:0,", f"127.0.0.1:{running.port},"))
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(path),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(second.communicate(), 30)
+    assert second.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{running.port}" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+
+
 # ----------------------------------------------------------------- reload and drain
 
 

@@ -23,12 +23,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.admin.server import GATEWAY, healthz, reload
+from gateway.admin.server import GATEWAY, healthz, reload, server_header
 from gateway.config.model import GatewayConfig
 from gateway.config.redact import redacted_config
 from gateway.observe.merge import MergedMetrics
 from gateway.observe.metrics import Metrics
-from gateway.protocols.http.headers import SERVER
 
 ASK_TIMEOUT_S = 2.0
 """A serving process's admin listener answers in milliseconds; past this it is reported."""
@@ -72,7 +71,7 @@ def fanout_app(supervisor: Supervisor) -> web.Application:
     app[GATEWAY] = supervisor  # type: ignore[misc] -- for admin/server.py's `reload`, all it reads
     app[MERGED] = MergedMetrics()
     app.cleanup_ctx.append(_session)
-    app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(server_header)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -88,10 +87,6 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(timeout=timeout) as session:
         app[SUPERVISOR_SESSION] = session
         yield
-
-
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[SERVER[0]] = SERVER[1]
 
 
 async def _ask_all(
