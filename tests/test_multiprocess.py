@@ -143,9 +143,13 @@ class HeldStream:
             "fake": {"tokens": tokens, "tokens_per_s": tokens_per_s, "ttft": 0},
         }
         headers = {"x-request-id": self.id}
-        self.response = await self.session.post(url + CHAT, json=body, headers=headers)
-        if self.response.status == 200:
-            await self.response.content.readany()
+        try:
+            self.response = await self.session.post(url + CHAT, json=body, headers=headers)
+            if self.response.status == 200:
+                await self.response.content.readany()
+        except BaseException:
+            await self.close()
+            raise
         return self.response.status
 
     async def read_to_end(self) -> bytes:
