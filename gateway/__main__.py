@@ -18,6 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
     )
+    serve.add_argument(
+        "--workers",
+        type=_processes,
+        metavar="N|auto",
+        help="serving processes sharing the port, one per core (overrides server.workers; "
+        "auto: one per available CPU)",
+    )
+    # How a supervisor starts each of its serving processes (processes/child.py); not for
+    # operators, so not in --help.
+    for flag, kind in (("--process-of", str), ("--process-index", int), ("--admin-port", int)):
+        serve.add_argument(flag, type=kind, help=argparse.SUPPRESS)
 
     validate = commands.add_parser(
         "validate", help="check a config file; exit 1 listing every error"
@@ -53,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
         return fake_llm_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        from gateway.app import serve
+    if args.command == "serve" and args.process_of is not None:
+        from gateway.processes.child import serve_process
 
-        return serve(args.config)
+        return serve_process(args.process_of, args.process_index, args.admin_port)
+    if args.command == "serve":
+        from gateway.processes.serve import serve
+
+        return serve(args.config, args.workers)
     if args.command == "validate":
         return validate(args.path)
     if args.command == "explain":
@@ -70,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         return schema()
     return 2
+
+
+def _processes(text: str) -> int:
+    from gateway.config.scalars import parse_processes
+
+    try:
+        count = parse_processes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
 
 
 def schema() -> int:

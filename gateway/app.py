@@ -1,8 +1,10 @@
-"""Build and run the gateway: the proxy listener, the admin listener, signals.
+"""One serving gateway: the proxy listener, the admin listener, reload and drain.
 
 Start-up order: the config is loaded and validated whole before any listener opens; the
-runtime (upstream pools, limits) is built; then the proxy and admin listeners start and one
-line saying where is printed on stdout (tests and operators read it).
+runtime (upstream pools, limits) is built; then the proxy and admin listeners start, and
+`processes/run.py` prints one line saying where on stdout (tests and operators read it) and
+wires the signals. With `server.workers` above 1 a supervisor runs several of these
+(`processes/`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
-import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -28,14 +29,15 @@ from gateway.protocols.grpc.server import GrpcServer
 from gateway.protocols.http.connection import GatewayServer
 from gateway.protocols.http.server import HttpServer
 from gateway.protocols.ws.server import WsServer, is_upgrade
-from gateway.tuning import install_event_loop_policy, settle_garbage_collector
 
 log = logging.getLogger("streamgate")
 
 
 class Gateway:
-    watch_interval = 1.0
-    """Seconds between looks at the config file for a change (tests shorten it)."""
+    watch_interval: float | None = 1.0
+    """Seconds between looks at the config file for a change (tests shorten it); None: never."""
+    reuse_port = False
+    """Bind the proxy listener with SO_REUSEPORT, beside the other serving processes."""
 
     def __init__(self, config_path: str, config: GatewayConfig) -> None:
         self.config_path = config_path
@@ -63,7 +65,7 @@ class Gateway:
         return self._draining
 
     async def start(self) -> tuple[str, str]:
-        runtime = await start_runtime(self.config, self.metrics)
+        runtime = await self.start_runtime(self.config)
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
@@ -76,7 +78,9 @@ class Gateway:
         )
         # By the time runners are cleaned up, drain_and_stop has already waited for streams.
         proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
-        self._proxy_site, proxy_url = await self._listen(proxy_runner, self.config.server.listen)
+        self._proxy_site, proxy_url = await self._listen(
+            proxy_runner, self.config.server.listen, self.reuse_port
+        )
         admin_runner = web.AppRunner(
             admin_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
@@ -84,32 +88,33 @@ class Gateway:
         if self.config.server.grpc_listen is not None:
             self.grpc = GrpcServer(self.proxy)
             await self.grpc.start(self.config.server)
-        if self.config_path and os.path.exists(self.config_path):
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
+        if self.watch_interval and self.config_path and os.path.exists(self.config_path):
+            watching = watch_file(self.config_path, lambda: self.watch_interval, self.reload)
+            self._watcher = asyncio.get_running_loop().create_task(watching)
         return proxy_url, admin_url
 
     async def _listen(
-        self, runner: web.BaseRunner, listen: tuple[str, int]
+        self, runner: web.BaseRunner, listen: tuple[str, int], reuse_port: bool = False
     ) -> tuple[web.TCPSite, str]:
         await runner.setup()
         host, port = listen
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+        )
         await site.start()
         self._runners.append(runner)
         bound = runner.addresses[0]
-        return site, f"http://{_host_for_url(bound[0])}:{bound[1]}"
+        return site, http_url(bound[0], bound[1])
 
-    async def _watch_config(self) -> None:
-        """Reload when the file changes. stat() follows symlinks, so the atomic `..data`
-        symlink swap of a Kubernetes ConfigMap update shows up as a new inode."""
-        seen = _file_identity(self.config_path)
-        while True:
-            await asyncio.sleep(self.watch_interval)
-            current = _file_identity(self.config_path)
-            if current is not None and current != seen:
-                seen = current
-                log.info("config file changed on disk: reloading")
-                await self.reload()
+    async def start_runtime(
+        self, config: GatewayConfig, previous: Runtime | None = None
+    ) -> Runtime:
+        """Build what `config` names; `previous`, on reload, hands over what may be kept."""
+        return await start_runtime(config, self.metrics, previous=previous)
+
+    def load(self) -> GatewayConfig:
+        """The config a reload switches to (raises ConfigErrors)."""
+        return load_config(self.config_path)
 
     async def reload(self) -> list[str]:
         """Load the config again; on success swap the runtime, else keep the old one."""
@@ -118,7 +123,7 @@ class Gateway:
 
     async def _reload(self) -> list[str]:
         try:
-            config = load_config(self.config_path)
+            config = self.load()
         except ConfigErrors as errors:
             self.metrics.config_reloads.labels("error").inc()
             messages = [str(e) for e in errors.errors]
@@ -128,7 +133,7 @@ class Gateway:
         old = self.runtime
         assert self.proxy is not None
         try:
-            runtime = await start_runtime(config, self.metrics, previous=old)
+            runtime = await self.start_runtime(config, previous=old)
         except Exception as exc:  # e.g. a worker pool that cannot start: keep the old one
             self.metrics.config_reloads.labels("error").inc()
             log.exception("reload rejected: the new config could not be started")
@@ -190,6 +195,22 @@ class Gateway:
         await self._stopped.wait()
 
 
+async def watch_file(
+    path: str, interval: Callable[[], float | None], reload: Callable[[], Awaitable[object]]
+) -> None:
+    """Reload when the file changes, looking every `interval()` seconds (None: stop). stat()
+    follows symlinks, so the atomic `..data` symlink swap of a Kubernetes ConfigMap update
+    shows up as a new inode."""
+    seen = _file_identity(path)
+    while seconds := interval():
+        await asyncio.sleep(seconds)
+        current = _file_identity(path)
+        if current is not None and current != seen:
+            seen = current
+            log.info("config file changed on disk: reloading")
+            await reload()
+
+
 def _file_identity(path: str) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -204,52 +225,8 @@ async def _close_when_idle(runtime: Runtime) -> None:
     await runtime.close()
 
 
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-async def _serve(config_path: str, config: GatewayConfig) -> int:
-    gateway = Gateway(config_path, config)
-    proxy_url, admin_url = await gateway.start()
-    settle_garbage_collector()
-    grpc = f" (grpc {gateway.grpc.address})" if gateway.grpc is not None else ""
-    print(f"streamgate listening on {proxy_url} (admin {admin_url}){grpc}", flush=True)
-    loop = asyncio.get_running_loop()
-    terms = 0
-
-    def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        if terms == 1:
-            log.info(
-                "draining: new requests get 503; streams may run for %gs",
-                config.server.shutdown_grace,
-            )
-            loop.create_task(gateway.drain_and_stop())
-        else:
-            loop.create_task(gateway.stop())
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
-    await gateway.wait_stopped()
-    return 0
-
-
-def serve(config_path: str) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = load_config(config_path)
-    except ConfigErrors as errors:
-        print(errors, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{config_path}: cannot read config: {exc.strerror}", file=sys.stderr)
-        return 1
-    install_event_loop_policy()
-    return asyncio.run(_serve(config_path, config))
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _dispatch(http: HttpServer, ws: WsServer):

@@ -38,7 +38,7 @@ async def start_runtime(
     try:
         for pool in pools.values():
             await pool.start()
-        await _start_worker_pools(config, metrics, kept, supervisors)
+        await start_worker_pools(config, metrics, kept, supervisors)
         admission = await Admission.start(
             config, metrics, previous.admission if previous is not None else None
         )
@@ -84,15 +84,17 @@ def _grpc_clients(pool) -> GrpcClient:
 _CLIENTS = {HttpUpstream: _clients, GrpcUpstream: _grpc_clients}
 
 
-async def _start_worker_pools(
+async def start_worker_pools(
     config: GatewayConfig,
     metrics: Metrics,
     kept: dict[str, WorkerSupervisor],
     supervisors: dict[str, WorkerSupervisor],
+    pin_ports: bool = False,
 ) -> None:
     """Fill `supervisors` with one started supervisor per `worker_pool` upstream. One whose
     definition is unchanged in `kept` (the previous runtime's) is reused with its workers
-    running; the previous runtime stops the others when it closes, once its streams are done."""
+    running; the previous runtime stops the others when it closes, once its streams are done.
+    `pin_ports`: for pools whose worker URLs are handed to serving processes."""
     for name, upstream in config.upstreams.items():
         if not isinstance(upstream, WorkerPoolUpstream):
             continue
@@ -104,3 +106,12 @@ async def _start_worker_pools(
             clients = _grpc_clients if grpc else _clients
             supervisors[name] = supervisor_type(name, upstream, metrics, clients)
             await supervisors[name].start()
+
+
+def serving_processes(config: WorkerPoolUpstream, metrics: Metrics) -> WorkerSupervisor:
+    """A supervisor's serving processes, kept like a worker pool (their private admin
+    listeners are its endpoints); they write to the supervisor's own stdout and stderr."""
+    restarts = metrics.process_restarts
+    return WorkerSupervisor(
+        "serving", config, metrics, _clients, restarts=restarts, inherit_output=True
+    )

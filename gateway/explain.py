@@ -148,7 +148,8 @@ def _limit_lines(
     for name in route.limits:
         if name in config.limits.rate:
             r = config.limits.rate[name]
-            lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({r.scope})")
+            scope = _scope(r.scope, config)
+            lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({scope})")
     lines.extend(_budget_lines(config, route, body, path))
     for name in route.limits:
         if name in config.limits.concurrency:
@@ -156,9 +157,16 @@ def _limit_lines(
             weight = c.weights.stream if stream else c.weights.unary
             lines.append(
                 f"  {name}: concurrency, weight {weight} of {c.capacity} units, "
-                f"queue up to {c.max_queue} requests ({c.scope})"
+                f"queue up to {c.max_queue} requests ({_scope(c.scope, config)})"
             )
     return lines
+
+
+def _scope(scope: str, config: GatewayConfig) -> str:
+    workers = config.server.workers
+    if scope == "global" or workers == 1:
+        return scope
+    return f"local, split across {workers} serving processes: each has its share"
 
 
 def _budget_lines(
@@ -177,7 +185,8 @@ def _budget_lines(
             reserve = min(prompt + completion, b.tokens)
             cap = b.max_tokens_per_stream
             lines.append(
-                f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} ({b.scope}); "
+                f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} "
+                f"({_scope(b.scope, config)}); "
                 f"reserves {reserve} (prompt ~{prompt} + completion {completion}, capped at the "
                 "budget), settled to the upstream's usage when the request ends"
                 + ("" if cap is None else f"; a stream is ended past {cap} completion tokens "

@@ -16,7 +16,7 @@ LAYERS = [
     ("admission", "upstreams"),
     ("engine",),
     ("protocols",),
-    ("admin", "build", "app", "explain", "explain_protocol", "tuning", "__main__"),
+    ("admin", "build", "app", "explain", "explain_protocol", "processes", "__main__"),
 ]
 """Bottom to top: a module imports from its own layer or the ones below, never above.
 `fake_llm` stands apart: it is a separate program and imports nothing of the gateway."""

@@ -19,6 +19,7 @@ from gateway.config.model import (
     HttpUpstream,
     WorkerPoolUpstream,
 )
+from gateway.config.processes import check_processes
 from gateway.config.redis_url import BadRedisUrl, parse_redis_url
 from gateway.config.route_checks import check_routes
 from gateway.config.rules import (
@@ -40,6 +41,7 @@ def check(cfg: GatewayConfig) -> list[Problem]:
         *_upstreams(cfg),
         *_limits(cfg),
         *check_routes(cfg),
+        *check_processes(cfg),
     ]
 
 

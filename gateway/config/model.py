@@ -30,7 +30,7 @@ from gateway.config.limits import (  # noqa: F401 -- declared there, part of thi
 )
 from gateway.config.routes import Route
 from gateway.config.telemetry import TelemetryConfig, TracingConfig  # noqa: F401 -- as limits
-from gateway.config.units import Bytes, HostPort, KiB, MiB, Seconds, frozen_map
+from gateway.config.units import Bytes, HostPort, KiB, MiB, Processes, Seconds, frozen_map
 
 # --------------------------------------------------------------------------- server side
 
@@ -63,6 +63,12 @@ class ServerConfig:
     """Where gRPC clients connect (HTTP/2, plaintext); absent: no gRPC listener. Calls take
     only routes with a `grpc` block; their request messages (bounded by `max_request_body`,
     within `body_timeout`) are buffered so retries can replay them."""
+    workers: Processes = 1
+    """Serving processes sharing `listen` (SO_REUSEPORT), one per core: `N` or `auto` (one
+    per available CPU). Above 1, a supervisor process starts them, restarts a crashed one,
+    reaches all of them with reloads and SIGTERM, and answers on `admin.listen` for all;
+    `scope: local` limits and `max_connections` are split between them (README, "One process
+    per core"). `streamgate serve --workers` overrides it; a change takes effect on restart."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,10 @@ SPECIAL_SCALARS: dict[str, dict[str, Any]] = {
         "type": "string",
         "pattern": r"^(\[[^\]]+\]|[^:\[\]]*):\d{1,5}$",
     },
+    "processes": {
+        "description": "A number of processes, or `auto` for one per available CPU.",
+        "anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+    },
 }
 
 PLAIN_SCALARS: dict[type, dict[str, Any]] = {

@@ -214,6 +214,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.process_restarts = Counter(
+            "streamgate_process_restarts_total",
+            "Serving process restarts by the supervisor (server.workers above 1).",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "streamgate_config_reloads_total", "Config reloads by result.", ["result"], registry=r
         )

@@ -46,5 +46,6 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_hedges_won_total",
         "streamgate_hedges_over_budget_total",
         "streamgate_resumes_total",
+        "streamgate_process_restarts_total",
     }
 )
