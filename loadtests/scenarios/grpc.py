@@ -27,7 +27,7 @@ from ..procs import ProcessGroup
 from ..progress import Progress
 from ..results_model import Row, ScenarioResult, percentile, ratio
 from ..targets import Layout
-from .disconnect import _try as sse_cancel_latency
+from .disconnect import disconnect_once as sse_cancel_latency
 
 KEY = "grpc"
 TITLE = "gRPC beside SSE: CPU per message, cancel latency"
