@@ -18,6 +18,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
     )
+    serve.add_argument(
+        "--workers",
+        type=_processes,
+        metavar="N|auto",
+        help="serving processes sharing the port, one per core (overrides server.workers; "
+        "auto: one per available CPU)",
+    )
+    # How a supervisor starts each of its serving processes (processes/child.py); not for
+    # operators, so not in --help.
+    for flag, kind in (("--process-of", str), ("--process-index", int), ("--admin-port", int)):
+        serve.add_argument(flag, type=kind, help=argparse.SUPPRESS)
 
     validate = commands.add_parser(
         "validate", help="check a config file; exit 1 listing every error"
@@ -28,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
         "explain", help="dry run: which route a request takes, its limits, upstreams, timeouts"
     )
     explain.add_argument("path", help="config file")
-    explain.add_argument("--method", required=True)
+    explain.add_argument("--method", default=None, help="required unless --grpc (always POST)")
+    explain.add_argument(
+        "--grpc", action="store_true", help="a gRPC call (server.grpc_listen); --path: its method"
+    )
     explain.add_argument("--path", dest="request_path", required=True, metavar="PATH")
     explain.add_argument("--header", action="append", default=[], metavar="K:V")
     explain.add_argument("--body", default=None, metavar="JSON")
@@ -50,19 +64,39 @@ def main(argv: list[str] | None = None) -> int:
 
         return fake_llm_main(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        from gateway.app import serve
+    if args.command == "serve" and args.process_of is not None:
+        from gateway.processes.child import serve_process
 
-        return serve(args.config)
+        return serve_process(args.process_of, args.process_index, args.admin_port)
+    if args.command == "serve":
+        from gateway.processes.serve import serve
+
+        return serve(args.config, args.workers)
     if args.command == "validate":
         return validate(args.path)
     if args.command == "explain":
         from gateway.explain import explain
 
-        return explain(args.path, args.method, args.request_path, args.header, args.body)
+        if args.method is None and not args.grpc:
+            print("explain: --method is required (or --grpc)", file=sys.stderr)
+            return 2
+        method = "POST" if args.grpc else args.method
+        return explain(args.path, method, args.request_path, args.header, args.body, args.grpc)
     if args.command == "schema":
         return schema()
     return 2
+
+
+def _processes(text: str) -> int:
+    from gateway.config.scalars import parse_processes
+
+    try:
+        count = parse_processes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {count}")
+    return count
 
 
 def schema() -> int:

@@ -1,19 +1,19 @@
-"""Build and run the gateway: the proxy listener, the admin listener, signals.
+"""One serving gateway: the proxy listener, the admin listener, reload and drain.
 
 Start-up order: the config is loaded and validated whole before any listener opens; the
-runtime (upstream pools, limits) is built; then the proxy and admin listeners start and one
-line saying where is printed on stdout (tests and operators read it).
+runtime (upstream pools, limits) is built; then the proxy and admin listeners start, and
+`processes/run.py` prints one line saying where on stdout (tests and operators read it) and
+wires the signals. With `server.workers` above 1 a supervisor runs several of these
+(`processes/`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
-import signal
-import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -25,6 +25,7 @@ from gateway.engine.pipeline import Proxy
 from gateway.engine.runtime import Runtime
 from gateway.errors import ConfigErrors, Draining
 from gateway.observe.metrics import Metrics
+from gateway.protocols.grpc.server import GrpcServer
 from gateway.protocols.http.connection import GatewayServer
 from gateway.protocols.http.server import HttpServer
 from gateway.protocols.ws.server import WsServer, is_upgrade
@@ -33,8 +34,10 @@ log = logging.getLogger("streamgate")
 
 
 class Gateway:
-    watch_interval = 1.0
-    """Seconds between looks at the config file for a change (tests shorten it)."""
+    watch_interval: float | None = 1.0
+    """Seconds between looks at the config file for a change (tests shorten it); None: never."""
+    reuse_port = False
+    """Bind the proxy listener with SO_REUSEPORT, beside the other serving processes."""
 
     def __init__(self, config_path: str, config: GatewayConfig) -> None:
         self.config_path = config_path
@@ -48,6 +51,8 @@ class Gateway:
         """Runtimes a reload replaced, closing once their streams are done."""
         self._stopped = asyncio.Event()
         self._draining = False
+        self.grpc: GrpcServer | None = None
+        """The gRPC listener, when `server.grpc_listen` is set (its `address` once started)."""
         self.metrics = Metrics(lambda: self.proxy.runtime if self.proxy is not None else None)
 
     @property
@@ -60,7 +65,7 @@ class Gateway:
         return self._draining
 
     async def start(self) -> tuple[str, str]:
-        runtime = await start_runtime(self.config, self.metrics)
+        runtime = await self.start_runtime(self.config)
         self.proxy = Proxy(runtime)
         # handler_cancellation: a client that goes away cancels its handler, which closes the
         # upstream request. aiohttp's runners do not do this unless asked.
@@ -73,37 +78,43 @@ class Gateway:
         )
         # By the time runners are cleaned up, drain_and_stop has already waited for streams.
         proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
-        self._proxy_site, proxy_url = await self._listen(proxy_runner, self.config.server.listen)
+        self._proxy_site, proxy_url = await self._listen(
+            proxy_runner, self.config.server.listen, self.reuse_port
+        )
         admin_runner = web.AppRunner(
             admin_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
         _, admin_url = await self._listen(admin_runner, self.config.admin.listen)
-        if self.config_path and os.path.exists(self.config_path):
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_config())
+        if self.config.server.grpc_listen is not None:
+            self.grpc = GrpcServer(self.proxy)
+            await self.grpc.start(self.config.server)
+        if self.watch_interval and self.config_path and os.path.exists(self.config_path):
+            watching = watch_file(self.config_path, lambda: self.watch_interval, self.reload)
+            self._watcher = asyncio.get_running_loop().create_task(watching)
         return proxy_url, admin_url
 
     async def _listen(
-        self, runner: web.BaseRunner, listen: tuple[str, int]
+        self, runner: web.BaseRunner, listen: tuple[str, int], reuse_port: bool = False
     ) -> tuple[web.TCPSite, str]:
         await runner.setup()
         host, port = listen
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+        )
         await site.start()
         self._runners.append(runner)
         bound = runner.addresses[0]
-        return site, f"http://{_host_for_url(bound[0])}:{bound[1]}"
+        return site, http_url(bound[0], bound[1])
 
-    async def _watch_config(self) -> None:
-        """Reload when the file changes. stat() follows symlinks, so the atomic `..data`
-        symlink swap of a Kubernetes ConfigMap update shows up as a new inode."""
-        seen = _file_identity(self.config_path)
-        while True:
-            await asyncio.sleep(self.watch_interval)
-            current = _file_identity(self.config_path)
-            if current is not None and current != seen:
-                seen = current
-                log.info("config file changed on disk: reloading")
-                await self.reload()
+    async def start_runtime(
+        self, config: GatewayConfig, previous: Runtime | None = None
+    ) -> Runtime:
+        """Build what `config` names; `previous`, on reload, hands over what may be kept."""
+        return await start_runtime(config, self.metrics, previous=previous)
+
+    def load(self) -> GatewayConfig:
+        """The config a reload switches to (raises ConfigErrors)."""
+        return load_config(self.config_path)
 
     async def reload(self) -> list[str]:
         """Load the config again; on success swap the runtime, else keep the old one."""
@@ -112,7 +123,7 @@ class Gateway:
 
     async def _reload(self) -> list[str]:
         try:
-            config = load_config(self.config_path)
+            config = self.load()
         except ConfigErrors as errors:
             self.metrics.config_reloads.labels("error").inc()
             messages = [str(e) for e in errors.errors]
@@ -122,14 +133,15 @@ class Gateway:
         old = self.runtime
         assert self.proxy is not None
         try:
-            runtime = await start_runtime(config, self.metrics, previous=old)
+            runtime = await self.start_runtime(config, previous=old)
         except Exception as exc:  # e.g. a worker pool that cannot start: keep the old one
             self.metrics.config_reloads.labels("error").inc()
             log.exception("reload rejected: the new config could not be started")
             return [f"{self.config_path}: the new config could not be started: {exc}"]
-        for section in ("server", "admin"):
-            if getattr(config, section).listen != getattr(self.config, section).listen:
-                log.warning("%s.listen changed: it takes effect on restart", section)
+        for section, key in (("server", "listen"), ("admin", "listen"), ("server", "grpc_listen")):
+            was, now = getattr(self.config, section), getattr(config, section)
+            if getattr(was, key) != getattr(now, key):
+                log.warning("%s.%s changed: it takes effect on restart", section, key)
         self.proxy.runtime = runtime
         self.config = config
         self.metrics.config_reloads.labels("ok").inc()
@@ -168,6 +180,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.grpc is not None:  # streams were drained or ended with the proxy's
+            await self.grpc.stop(grace=1.0)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -179,6 +193,22 @@ class Gateway:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+async def watch_file(
+    path: str, interval: Callable[[], float | None], reload: Callable[[], Awaitable[object]]
+) -> None:
+    """Reload when the file changes, looking every `interval()` seconds (None: stop). stat()
+    follows symlinks, so the atomic `..data` symlink swap of a Kubernetes ConfigMap update
+    shows up as a new inode."""
+    seen = _file_identity(path)
+    while seconds := interval():
+        await asyncio.sleep(seconds)
+        current = _file_identity(path)
+        if current is not None and current != seen:
+            seen = current
+            log.info("config file changed on disk: reloading")
+            await reload()
 
 
 def _file_identity(path: str) -> tuple[int, int, int] | None:
@@ -195,73 +225,8 @@ async def _close_when_idle(runtime: Runtime) -> None:
     await runtime.close()
 
 
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _settle_garbage_collector() -> None:
-    """Keep collector pauses out of stream latency. Everything built at start-up (modules,
-    config, pools) lives as long as the process: frozen, full collections no longer walk it.
-    Requests allocate many short-lived containers: a higher first threshold collects them in
-    fewer, still small, passes."""
-    gc.collect()
-    gc.freeze()
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
-
-
-GC_FIRST_THRESHOLD = 20_000
-
-
-def _install_event_loop_policy() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
-async def _serve(config_path: str, config: GatewayConfig) -> int:
-    gateway = Gateway(config_path, config)
-    proxy_url, admin_url = await gateway.start()
-    _settle_garbage_collector()
-    print(f"streamgate listening on {proxy_url} (admin {admin_url})", flush=True)
-    loop = asyncio.get_running_loop()
-    terms = 0
-
-    def on_term() -> None:
-        nonlocal terms
-        terms += 1
-        if terms == 1:
-            log.info(
-                "draining: new requests get 503; streams may run for %gs",
-                config.server.shutdown_grace,
-            )
-            loop.create_task(gateway.drain_and_stop())
-        else:
-            loop.create_task(gateway.stop())
-
-    loop.add_signal_handler(signal.SIGTERM, on_term)
-    loop.add_signal_handler(signal.SIGINT, on_term)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gateway.reload()))
-    await gateway.wait_stopped()
-    return 0
-
-
-def serve(config_path: str) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        config = load_config(config_path)
-    except ConfigErrors as errors:
-        print(errors, file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"{config_path}: cannot read config: {exc.strerror}", file=sys.stderr)
-        return 1
-    _install_event_loop_policy()
-    return asyncio.run(_serve(config_path, config))
+def http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _dispatch(http: HttpServer, ws: WsServer):

@@ -168,11 +168,30 @@ class UpstreamTimeout(GatewayError):
         self.condition = condition  # first_chunk_timeout | chunk_gap_timeout | total_timeout
 
 
+class ResumeDiverged(GatewayError):
+    """A resumed stream's new answer does not begin with the text the client already has (or
+    ends before covering it): it cannot be spliced on, so the stream ends visibly."""
+
+    status = 502
+    type = "resume_diverged"
+    condition = "resume_diverged"
+
+
 class SlowClient(GatewayError):
     status = 504
     type = "slow_client"
     condition = "slow_client"
     outcome = "slow_client"
+
+
+class TokenCapExceeded(GatewayError):
+    """A stream produced more than its token budget's `max_tokens_per_stream`: the gateway
+    ended it (after the commit point, so only ever as a visible end, never a status)."""
+
+    status = 429
+    type = "token_cap_exceeded"
+    condition = "token_cap_exceeded"
+    outcome = "token_cap_exceeded"
 
 
 class PoolExhausted(GatewayError):

@@ -9,14 +9,23 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.admission.tokens import estimate
 from gateway.config.loader import load_config
-from gateway.config.model import EjectConfig, GatewayConfig, HttpUpstream
-from gateway.config.routes import FramingConfig, Route
+from gateway.config.model import EjectConfig, GatewayConfig, GrpcUpstream, HttpUpstream
+from gateway.config.routes import Route
 from gateway.engine.routing import RequestFacts, Router
+from gateway.engine.usage_request import asks_for_usage
 from gateway.errors import ConfigErrors
+from gateway.explain_protocol import protocol_line
 from gateway.protocols.http.target import BadTarget, parse_target
 
 
-def explain(config_path: str, method: str, path: str, headers: list[str], body: str | None) -> int:
+def explain(
+    config_path: str,
+    method: str,
+    path: str,
+    headers: list[str],
+    body: str | None,
+    grpc: bool = False,
+) -> int:
     try:
         config = load_config(config_path)
     except ConfigErrors as errors:
@@ -30,7 +39,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
         print(f"result: the gateway answers 400: {exc.message}")
         return 0
     try:
-        facts, stream = _facts(method, target.path, headers, body)
+        facts, stream = _facts(method, target.path, headers, body, "grpc" if grpc else "http")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
@@ -40,7 +49,7 @@ def explain(config_path: str, method: str, path: str, headers: list[str], body: 
 
 
 def _facts(
-    method: str, path: str, header_args: list[str], body: str | None
+    method: str, path: str, header_args: list[str], body: str | None, protocol: str = "http"
 ) -> tuple[RequestFacts, bool]:
     headers: CIMultiDict[str] = CIMultiDict()
     for item in header_args:
@@ -63,6 +72,7 @@ def _facts(
         path.split("?", 1)[0],
         CIMultiDictProxy(headers),
         model if isinstance(model, str) else None,
+        protocol,
     )
     return facts, stream
 
@@ -71,9 +81,8 @@ def explain_lines(
     config: GatewayConfig, facts: RequestFacts, stream: bool, body: str | None = None
 ) -> list[str]:
     router = Router(config.routes)
-    lines = [
-        f"request: {facts.method} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")
-    ]
+    said = "gRPC call" if facts.protocol == "grpc" else f"{facts.method}"
+    lines = [f"request: {said} {facts.path}" + (f" model={facts.model!r}" if facts.model else "")]
     chosen: Route | None = None
     for compiled in router.compiled:
         why_not = compiled.mismatch(facts)
@@ -87,36 +96,82 @@ def explain_lines(
         lines.append("result: no route matches: the gateway answers 404")
         return lines
     lines.append(f"route: {chosen.name}")
-    stream = stream or chosen.websocket is not None  # a session is charged as a stream
+    # A session, and an answer bridged from a WebSocket to SSE, are charged as streams.
+    stream = stream or chosen.websocket is not None or chosen.websocket_upstream is not None
     kind = "websocket session (charged as a stream)" if chosen.websocket else None
+    if chosen.grpc is not None:
+        stream = chosen.grpc.stream
+        kind = f"gRPC call (charged as {'a stream' if stream else 'unary'}, per grpc.stream)"
+    elif chosen.grpc_bridge is not None:
+        stream, kind = True, "HTTP bridged to a gRPC method (an event stream)"
     lines.append(f"kind: {kind or ('stream' if stream else 'unary')}")
-    lines.extend(_limit_lines(config, chosen, stream, body))
+    lines.extend(_limit_lines(config, chosen, stream, body, facts.path))
     lines.extend(_upstream_lines(config, chosen))
     lines.extend(_policy_lines(chosen))
+    lines.extend(_rescue_lines(config, chosen))
     return lines
 
 
-def _limit_lines(config: GatewayConfig, route: Route, stream: bool, body: str | None) -> list[str]:
+def _rescue_lines(config: GatewayConfig, route: Route) -> list[str]:
+    hedge, resume = route.hedge, route.resume
+    if hedge is None:
+        lines = ["hedge: off (a slow first chunk waits for first_chunk, then falls back)"]
+    else:
+        lines = [
+            f"hedge: after {hedge.after:g}s with no content, the next try (another endpoint, "
+            f"else the next fallback) starts beside it; up to {hedge.max_extra} per request, "
+            f"within {hedge.budget_percent}% of the route's requests of the last 10s; the "
+            "first with content wins, the others are closed; admission charges the request once"
+        ]
+    if resume is None:
+        lines.append("resume: off (a stream that breaks after its first content ends visibly)")
+        return lines
+    hops = [route.upstream] + [f.upstream for f in route.fallbacks]
+    dialects = ", ".join(f"{name} {config.upstreams[name].prefill}" for name in hops)
+    lines.append(
+        f"resume: SSE chat completions broken by [{', '.join(resume.on)}], up to {resume.max} "
+        f"per request, on the next try (another endpoint, else the next fallback, else the same "
+        f"endpoint while retry.attempts allows); text kept "
+        f"up to {resume.max_prefix_bytes} bytes; prefill by upstream: {dialects} (none, or "
+        "refused: asked again and spliced only if it begins with the text sent, else an error "
+        "event)"
+    )
+    return lines
+
+
+def _limit_lines(
+    config: GatewayConfig, route: Route, stream: bool, body: str | None, path: str
+) -> list[str]:
     if not route.limits:
         return ["limits: none"]
     lines = ["limits (rate limits, then token budgets, then concurrency, each in route order):"]
     for name in route.limits:
         if name in config.limits.rate:
             r = config.limits.rate[name]
-            lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({r.scope})")
-    lines.extend(_budget_lines(config, route, body))
+            scope = _scope(r.scope, config)
+            lines.append(f"  {name}: rate {r.rate:g} per {r.per:g}s keyed by {r.key} ({scope})")
+    lines.extend(_budget_lines(config, route, body, path))
     for name in route.limits:
         if name in config.limits.concurrency:
             c = config.limits.concurrency[name]
             weight = c.weights.stream if stream else c.weights.unary
             lines.append(
                 f"  {name}: concurrency, weight {weight} of {c.capacity} units, "
-                f"queue up to {c.max_queue} requests ({c.scope})"
+                f"queue up to {c.max_queue} requests ({_scope(c.scope, config)})"
             )
     return lines
 
 
-def _budget_lines(config: GatewayConfig, route: Route, body: str | None) -> list[str]:
+def _scope(scope: str, config: GatewayConfig) -> str:
+    workers = config.server.workers
+    if scope == "global" or workers == 1:
+        return scope
+    return f"local, split across {workers} serving processes: each has its share"
+
+
+def _budget_lines(
+    config: GatewayConfig, route: Route, body: str | None, route_path: str
+) -> list[str]:
     raw = (body or "").encode()
     try:
         payload = json.loads(raw) if raw else None
@@ -128,11 +183,20 @@ def _budget_lines(config: GatewayConfig, route: Route, body: str | None) -> list
         if (b := config.limits.tokens.get(name)) is not None:
             prompt, completion = estimate(request, b)
             reserve = min(prompt + completion, b.tokens)
+            cap = b.max_tokens_per_stream
             lines.append(
-                f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} ({b.scope}); "
+                f"  {name}: tokens {b.tokens} per {b.per:g}s keyed by {b.key} "
+                f"({_scope(b.scope, config)}); "
                 f"reserves {reserve} (prompt ~{prompt} + completion {completion}, capped at the "
                 "budget), settled to the upstream's usage when the request ends"
+                + ("" if cap is None else f"; a stream is ended past {cap} completion tokens "
+                   "(max_tokens_per_stream)")
             )
+    if lines and asks_for_usage(route_path, request.json):
+        lines.append(
+            "  the client did not ask for stream usage: the gateway asks the upstream for usage "
+            "(stream_options.include_usage) and does not relay the usage-only event"
+        )
     return lines
 
 
@@ -142,9 +206,10 @@ def _upstream_lines(config: GatewayConfig, route: Route) -> list[str]:
     for i, (name, model) in enumerate(hops, 1):
         upstream = config.upstreams[name]
         rewrite = f", model rewritten to {model!r}" if model else ""
-        if isinstance(upstream, HttpUpstream):
+        if isinstance(upstream, HttpUpstream | GrpcUpstream):
             endpoints = ", ".join(f"{e.url} (weight {e.weight})" for e in upstream.endpoints)
-            lines.append(f"  {i}. {name}: http, {upstream.balance} over {endpoints}{rewrite}")
+            said = f"{upstream.kind}, {upstream.balance} over {endpoints}{rewrite}"
+            lines.append(f"  {i}. {name}: {said}")
         else:
             workers = len(upstream.gpus) if upstream.gpus is not None else upstream.count
             lines.append(f"  {i}. {name}: worker pool of {workers}, {upstream.balance}{rewrite}")
@@ -180,35 +245,5 @@ def _policy_lines(route: Route) -> list[str]:
         "never after the first content chunk",
         f"buffer: {route.buffer.chunks} chunks / {route.buffer.bytes} bytes"
         + (f"; SSE keepalive every {route.keepalive:g}s of silence" if route.keepalive else ""),
-        _framing_line(route.framing) if route.websocket is None else _websocket_line(route),
+        protocol_line(route),
     ]
-
-
-def _websocket_line(route: Route) -> str:
-    ws, t = route.websocket, route.timeouts
-    if ws.upstream == "sse":
-        end = "no end message" if ws.end_message is None else f"end message {ws.end_message!r}"
-        how = (
-            "websocket bridge to SSE: the first message is POSTed with stream: true, each "
-            f"data event goes back as a text message; at the end {end} and close 1000"
-        )
-    else:
-        how = (
-            "websocket passthrough (upstream dialled as ws://, wss://): messages, close codes "
-            f"and subprotocols relayed; an answer must start within first_chunk {t.first_chunk:g}s "
-            f"of a client message, idle {ws.idle:g}s otherwise"
-        )
-    return (
-        f"{how}; messages up to {ws.max_message_size} bytes (1009 past it); after the upgrade "
-        "a failure closes with 1011 (1013 when overloaded), never 1000"
-    )
-
-
-def _framing_line(framing: FramingConfig) -> str:
-    if framing.kind == "auto":
-        return (
-            "framing: auto (sse for text/event-stream, ndjson for application/x-ndjson, "
-            "else raw for a stream and unary otherwise)"
-        )
-    footer = ", a missing footer is a truncation" if framing.require_footer else ""
-    return f"framing: {framing.kind}{footer}"

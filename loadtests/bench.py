@@ -68,6 +68,11 @@ class Bench:
         return await start_gateway(self.group, self.layout, self.workdir, upstream, name,
                                    source=self.gateway_source, **config)
 
+    async def start_gateway_with_grpc(self, upstream: Upstream, grpc_upstream: str) -> Target:
+        """A gateway that also listens for gRPC and routes every call to `grpc_upstream`."""
+        return await start_gateway(self.group, self.layout, self.workdir, upstream, "gateway",
+                                   source=self.gateway_source, grpc_upstream=grpc_upstream)
+
     async def nginx(self, upstream: Upstream) -> Target:
         return await start_nginx(self.group, self.layout, self.workdir, upstream)
 

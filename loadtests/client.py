@@ -127,14 +127,7 @@ class Connection(asyncio.Protocol):
         """Send FIN at once (shutdown, not a deferred close); the monotonic time just before."""
         assert self.transport is not None
         self._done = self._first = None  # the exchange is abandoned, not failed
-        fd = self.transport.get_extra_info("socket").fileno()
-        # uvloop's transport socket has no shutdown(); a duplicate fd reaches the same socket
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            at = _monotonic()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self.transport.close()
-        return at
+        return shut_down(self.transport)
 
     # -------------------------------------------------------------- asyncio.Protocol
 
@@ -223,6 +216,18 @@ class Connection(asyncio.Protocol):
             self.closed = True
         if self._done is not None and not self._done.done():
             self._done.set_result(True)
+
+
+def shut_down(transport: asyncio.Transport) -> float:
+    """Send FIN on `transport` at once and close it; the monotonic time just before."""
+    fd = transport.get_extra_info("socket").fileno()
+    # uvloop's transport socket has no shutdown(); a duplicate fd reaches the same socket
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        at = _monotonic()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    transport.close()
+    return at
 
 
 async def connect(host: str, port: int, tally: Tally) -> Connection:

@@ -50,12 +50,25 @@ def routes_yaml(count: int = 1, shape: str = "paths") -> str:
     return "routes:\n" + "".join(routes)
 
 
+def with_websocket_route(routes: str) -> str:
+    """`routes` and one more that passes WebSocket sessions on /v1/chat/completions through
+    to fake-llm's WebSocket endpoint (only upgrades match it, so its place does not matter)."""
+    return routes + _route("ws", {"path": "/v1/chat/completions"}) + (
+        "    websocket: {answer_end: finish_reason, idle: 5m}\n"
+    )
+
+
 def gateway_yaml(
-    upstream_url: str, telemetry: dict | None = None, routes: str | None = None
+    upstream_url: str,
+    telemetry: dict | None = None,
+    routes: str | None = None,
+    grpc_upstream: str | None = None,
 ) -> str:
+    """With `grpc_upstream` (host:port), also a gRPC listener and a route for every call."""
     telemetry = telemetry if telemetry is not None else TELEMETRY["gateway"]
+    grpc_listen = ", grpc_listen: 127.0.0.1:0" if grpc_upstream else ""
     return (
-        "server: {listen: 127.0.0.1:0, shutdown_grace: 1s}\n"
+        f"server: {{listen: 127.0.0.1:0, shutdown_grace: 1s{grpc_listen}}}\n"
         "admin: {listen: 127.0.0.1:0}\n"
         f"telemetry: {json.dumps(telemetry)}\n"
         "upstreams:\n"
@@ -63,5 +76,17 @@ def gateway_yaml(
         "    kind: http\n"
         f'    endpoints: [{{url: "{upstream_url}"}}]\n'
         "    max_connections: 16384\n"
+        + (_grpc_upstream(grpc_upstream) if grpc_upstream else "")
         + (routes if routes is not None else routes_yaml())
+        + (_route("grpc", {}).replace("upstream: llm", "upstream: grpc-bench\n    grpc: {}")
+           if grpc_upstream else "")
+    )
+
+
+def _grpc_upstream(target: str) -> str:
+    return (
+        "  grpc-bench:\n"
+        "    kind: grpc\n"
+        f'    endpoints: [{{url: "grpc://{target}"}}]\n'
+        "    max_connections: 16384\n"
     )

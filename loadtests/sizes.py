@@ -44,6 +44,18 @@ class Sizes:
     # 7. chaos: per-request upstream faults x client behaviours (tests/support/chaos.py)
     chaos_requests: int = 2400
     chaos_concurrency: int = 200
+    # 8. WebSocket beside SSE: CPU per relayed message, and disconnect -> upstream close
+    ws_sessions: int = 256  # concurrent sessions (and SSE streams), each `ws_repeats` answers
+    ws_tokens: int = 64
+    ws_interval_s: float = 0.02
+    ws_repeats: int = 3
+    ws_rounds: int = 3
+    ws_disconnect_tries: int = 30
+    # 9. gRPC beside SSE: paced streams through one gateway, then cancels one at a time
+    grpc_streams: int = 128
+    grpc_messages: int = 64
+    grpc_interval_s: float = 0.02
+    grpc_cancel_tries: int = 30
     # every load phase
     timeout_s: float = 120.0
     quiet_wait_s: float = 30.0  # before each scenario, wait up to this long for a quiet machine
@@ -67,9 +79,17 @@ QUICK = Sizes(
     memory_levels=(200,),
     memory_warmup_streams=50,
     disconnect_tries=5,
+    grpc_streams=32,
+    grpc_messages=16,
+    grpc_cancel_tries=5,
     routing_levels=(10, 100),
     routing_requests=300,
     routing_match_calls=2000,
+    ws_sessions=32,
+    ws_tokens=16,
+    ws_repeats=2,
+    ws_rounds=1,
+    ws_disconnect_tries=5,
     timeout_s=30.0,
     quiet_wait_s=0.0,
 )

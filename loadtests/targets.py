@@ -95,13 +95,20 @@ async def start_gateway(
     telemetry: dict | None = None,
     routes: str | None = None,
     source: Path | None = None,
+    grpc_upstream: str | None = None,
+    workers: int = 1,
 ) -> Target:
     """`python -m gateway serve` on a generated config in `workdir`, pinned to the proxy core;
-    the gateway package is imported from `source` (another checkout) when given."""
+    the gateway package is imported from `source` (another checkout) when given. With
+    `workers` above 1 (`--workers N`: a supervisor and N serving processes) it may run on
+    every core: N processes pinned to one core would only measure that core shared."""
     config = workdir / f"{name}-{upstream.port}-{len(group.children)}.yaml"
-    config.write_text(gateway_yaml(upstream.url, telemetry, routes))
+    config.write_text(gateway_yaml(upstream.url, telemetry, routes, grpc_upstream))
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    child = await group.spawn(name, argv, cpus=layout.proxy, announce=GATEWAY_ANNOUNCE,
+    argv += ["--workers", str(workers)] if workers > 1 else []
+    cpus = layout.proxy if workers == 1 else None
+    child = await group.spawn(name, argv, cpus=cpus, announce=GATEWAY_ANNOUNCE,
+                              start_timeout_s=60.0,
                               **({"cwd": source} if source is not None else {}))
     assert child.announced is not None
     port = int(child.url.rsplit(":", 1)[1])

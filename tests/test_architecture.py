@@ -16,7 +16,7 @@ LAYERS = [
     ("admission", "upstreams"),
     ("engine",),
     ("protocols",),
-    ("admin", "build", "app", "explain", "__main__"),
+    ("admin", "build", "app", "explain", "explain_protocol", "processes", "__main__"),
 ]
 """Bottom to top: a module imports from its own layer or the ones below, never above.
 `fake_llm` stands apart: it is a separate program and imports nothing of the gateway."""
@@ -135,16 +135,22 @@ def test_the_fake_worker_imports_nothing_of_the_gateway():
     assert outside == set()
 
 
+WIRE_LIBRARIES = ("aiohttp", "grpc", "grpc_health", "grpc_reflection", "google.protobuf")
+"""What an adapter speaks its protocol with; never the engine's business."""
+
+
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("gateway.engine")))
-def test_the_engine_does_not_import_aiohttp(module):
-    """The engine knows frames and sinks; aiohttp (server or client) belongs to an adapter."""
+def test_the_engine_does_not_import_a_wire_library(module):
+    """The engine knows frames and sinks; aiohttp and grpcio (servers or clients) and protobuf
+    belong to an adapter."""
     imported = set()
     for node in ast.walk(ast.parse(MODULES[module].read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
-    assert {m for m in imported if m == "aiohttp" or m.startswith("aiohttp.")} == set()
+    wire = {m for m in imported if any(m == w or m.startswith(w + ".") for w in WIRE_LIBRARIES)}
+    assert wire == set()
 
 
 def test_modules_stay_small():

@@ -681,7 +681,7 @@ SHAPE_ERRORS = [
           a: {balance: weighted}
         routes: [{name: r, upstream: a}]
         """,
-        "gw.yaml:2:6: upstreams.a: missing required key 'kind' (http or worker_pool)",
+        "gw.yaml:2:6: upstreams.a: missing required key 'kind' (http or worker_pool or grpc)",
     ),
     case(
         "upstream-unknown-kind",
@@ -690,7 +690,7 @@ SHAPE_ERRORS = [
           a: {kind: htp, endpoints: [{url: "http://h"}]}
         routes: [{name: r, upstream: a}]
         """,
-        "gw.yaml:2:13: upstreams.a.kind: expected one of http, worker_pool,"
+        "gw.yaml:2:13: upstreams.a.kind: expected one of http, worker_pool, grpc,"
         " got 'htp' (did you mean 'http'?)",
     ),
     case(
@@ -886,7 +886,7 @@ SEMANTIC_ERRORS = [
         routes: [{name: r, upstream: a}]
         """,
         "gw.yaml:1:35: upstreams.a.endpoints[0].url: invalid url 'ftp://h'"
-        " (use http:// or https:// and a host)",
+        " (use http://, https://, ws:// or wss:// and a host)",
     ),
     case(
         "endpoint-host",
@@ -895,7 +895,7 @@ SEMANTIC_ERRORS = [
         routes: [{name: r, upstream: a}]
         """,
         "gw.yaml:1:35: upstreams.a.endpoints[0].url: invalid url 'http:///v1'"
-        " (use http:// or https:// and a host)",
+        " (use http://, https://, ws:// or wss:// and a host)",
     ),
     case(
         "endpoint-weight",
@@ -1137,6 +1137,26 @@ SEMANTIC_ERRORS = [
         " (this route's is sse)",
     ),
     case(
+        "answer-end-without-fields",
+        """\
+        upstreams: {a: {endpoints: [{url: "http://h"}]}}
+        routes:
+          - {name: r, upstream: a, websocket_upstream: {answer_end: match}}
+        """,
+        "gw.yaml:3:61: routes[0].websocket_upstream.answer_end.match:"
+        " name at least one field the end message has",
+    ),
+    case(
+        "bridge-of-a-websocket-route",
+        """\
+        upstreams: {a: {endpoints: [{url: "http://h"}]}}
+        routes:
+          - {name: r, upstream: a, websocket: {}, websocket_upstream: {}}
+        """,
+        "gw.yaml:3:43: routes[0].websocket_upstream: a websocket route relays or bridges its"
+        " sessions itself; drop one of the two",
+    ),
+    case(
         "sample-ratio",
         """\
         telemetry: {tracing: {sample_ratio: 1.5}}
@@ -1226,3 +1246,14 @@ def test_worker_pool_semantic_errors(pool, message):
     with pytest.raises(ConfigErrors) as caught:
         load_config_text(text, "cfg.yaml", env={})
     assert [str(e) for e in caught.value.errors] == [message]
+
+
+def test_ws_endpoints_are_dialled_as_http_and_https():
+    cfg = load_config_text(
+        'upstreams: {a: {endpoints: [{url: "ws://h:1/p"}, {url: "WSS://h"}]}}\n'
+        "routes: [{name: r, upstream: a, websocket_upstream: {answer_end: {match: {type: done}}}}]\n",
+        "gw.yaml",
+        env={},
+    )
+    assert [e.url for e in cfg.upstreams["a"].endpoints] == ["http://h:1/p", "https://h"]
+    assert dict(cfg.routes[0].websocket_upstream.answer_end.match) == {"type": "done"}

@@ -195,6 +195,13 @@ def _titled(fragment: str) -> dict:
         ("Tokens per second by route", "streamgate_tokens_total"),
         ("Output tokens per second per stream", "streamgate_output_tokens_per_second_bucket"),
         ("Shared state (Redis) up", "streamgate_shared_state_up"),
+        ("tokens reserved vs settled", "streamgate_token_budget_reserved_tokens_total"),
+        ("Token budget refusals", "streamgate_token_budget_refused_total"),
+        ("Streams ended by a token cap", 'kind="token_cap_exceeded"'),
+        ("Replicas with shared state degraded", "streamgate_shared_state_up"),
+        ("Active WebSocket sessions", "streamgate_active_websocket_sessions"),
+        ("WebSocket session endings", "streamgate_websocket_sessions_total"),
+        ("WebSocket messages per second", "streamgate_websocket_messages_total"),
     ],
 )
 def test_each_promised_panel_is_there(title, metric):
@@ -216,3 +223,13 @@ def test_concurrency_shows_in_use_against_capacity():
     exprs = [t["expr"] for t in _titled("in use vs capacity")["targets"]]
     assert any("streamgate_concurrency_in_use" in e for e in exprs)
     assert any("streamgate_concurrency_capacity" in e for e in exprs)
+
+
+def test_the_token_budget_row_shows_reserved_against_settled():
+    row = _titled("Token budgets:")
+    assert row["type"] == "row"
+    exprs = [t["expr"] for t in _titled("tokens reserved vs settled")["targets"]]
+    assert any("streamgate_token_budget_reserved_tokens_total" in e for e in exprs)
+    assert any("streamgate_token_budget_settled_tokens_total" in e for e in exprs)
+    row_panels = [p for p in _panels(_dashboard()) if p["gridPos"]["y"] == row["gridPos"]["y"] + 1]
+    assert len(row_panels) == 4

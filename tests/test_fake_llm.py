@@ -342,6 +342,7 @@ async def test_reset_after_sends_n_content_tokens_then_a_tcp_rst(llm, flags, fak
         pytest.param({"reset_after": 0}, "reset", id="reset-before-headers"),
         pytest.param({"reset_after": 2}, "reset", id="reset-mid-body"),
         pytest.param({"stall_after": 2}, "silent", id="stall-mid-body"),
+        pytest.param({"cut_after": 2}, "eof", id="cut-mid-body"),
     ],
 )
 async def test_unary_faults_leave_a_truncated_or_missing_body(llm, fake, ending) -> None:
@@ -361,6 +362,73 @@ async def test_stall_and_reset_past_the_last_token_never_fire(llm, http) -> None
     assert events[-1] == "[DONE]"
     _, events = await post(http, llm, chat(stream=True, fake={"tokens": 3, "reset_after": 9}))
     assert events[-1] == "[DONE]"
+
+
+CUTS = [
+    pytest.param(["--cut-after", "4"], None, 4, id="flag-after-4"),
+    pytest.param([], {"cut_after": 2}, 2, id="override-after-2"),
+]
+
+
+@pytest.mark.parametrize(("flags", "fake", "sent"), CUTS)
+async def test_cut_after_ends_the_stream_cleanly_with_no_finish_and_no_done(
+    llm, flags, fake, sent
+) -> None:
+    async with worker(llm, flags) as llm:
+        body = chat(stream=True, fake=fake)
+        received, ending = await asyncio.to_thread(raw_exchange, llm.port, body, 5.0)
+
+    assert ending == "eof"  # a clean end (the chunked body's last chunk, then FIN)
+    assert received.endswith(b"0\r\n\r\n")
+    assert received.count(CONTENT_MARK) == sent
+    assert b"[DONE]" not in received and b'"finish_reason":"stop"' not in received
+
+
+def with_prefill(body: dict[str, Any], text: str) -> dict[str, Any]:
+    return {**body, "messages": [*body["messages"], {"role": "assistant", "content": text}]}
+
+
+@pytest.mark.parametrize("cut", [0, 1, 9, 10, 23], ids=lambda n: f"prefix-{n}-chars")
+async def test_a_prefill_is_continued_with_exactly_the_rest_of_the_answer(llm, http, cut) -> None:
+    _, whole = await post(http, llm, chat("go on", stream=True))
+    answer = text_of(whole)
+    # cut 1, 9 and 23 fall inside a token: the rest of that token comes first
+    _, rest = await post(http, llm, with_prefill(chat("go on", stream=True), answer[:cut]))
+
+    assert text_of(rest) == answer[cut:]
+    assert rest[-1] == "[DONE]"
+    assert rest[0]["id"] != whole[0]["id"]  # another request, another id
+
+
+async def test_a_prefill_the_answer_does_not_begin_with_is_ignored(llm, http) -> None:
+    _, whole = await post(http, llm, chat("go on", stream=True))
+    _, other = await post(http, llm, with_prefill(chat("go on", stream=True), "zzz "))
+    assert text_of(other) == text_of(whole)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fake"),
+    [
+        pytest.param(["--prefill", "refuse"], None, id="flag"),
+        pytest.param([], {"prefill": "refuse"}, id="override"),
+    ],
+)
+async def test_prefill_refuse_answers_400_to_a_final_assistant_message(
+    llm, http, flags, fake
+) -> None:
+    async with worker(llm, flags) as llm:
+        refused, [error] = await post(http, llm, with_prefill(chat(fake=fake), "the "))
+        plain, events = await post(http, llm, chat(stream=True, fake=fake))
+
+    assert refused.status == 400 and error["error"]["code"] == "prefill_unsupported"
+    assert plain.status == 200 and events[-1] == "[DONE]"
+
+
+async def test_another_seed_gives_another_answer(llm, http) -> None:
+    _, a = await post(http, llm, chat("same", stream=True))
+    _, b = await post(http, llm, chat("same", stream=True, fake={"seed": 7}))
+    _, c = await post(http, llm, chat("same", stream=True, fake={"seed": 7}))
+    assert text_of(a) != text_of(b) == text_of(c)
 
 
 @pytest.mark.parametrize(

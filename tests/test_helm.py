@@ -262,6 +262,12 @@ def test_pod_outlives_the_gateway_drain(rendered: Rendered, tmp_path: Path):
     assert spec["terminationGracePeriodSeconds"] > drain
 
 
+def test_serving_processes_per_pod_are_a_config_value(tmp_path: Path):
+    result = helm("template", RELEASE, str(CHART), "--set", "config.server.workers=2")
+    assert result.returncode == 0, result.stderr
+    assert loaded_config(Rendered(result.stdout), tmp_path).server.workers == 2
+
+
 def test_config_volume_is_the_rendered_configmap(rendered: Rendered):
     spec = pod_spec(rendered)
     mount = next(

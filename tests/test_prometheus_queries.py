@@ -70,6 +70,10 @@ EXERCISED_PANELS = {
     "Shared state (Redis) up by replica",
     "Tokens per second by route and type",
     "Output tokens per second per stream p50 / p95",
+    "Token budget: tokens reserved vs settled per second",
+    "Token budget refusals per second by limit",
+    "Streams ended by a token cap per second",
+    "Replicas with shared state degraded",
 }
 # Alert expressions with a series under this load (a third of its requests are rate-limited);
 # the others must stay empty: nothing else is wrong with this gateway.
@@ -86,9 +90,12 @@ limits:
     slots: {capacity: 2, weights: {stream: 2, unary: 1}}   # one stream at a time: the second queues
   rate:
     tight: {rate: 1, per: 60s}
+  tokens:   # a stream's estimate (max_tokens 5000) takes the whole bucket; the next is refused
+    tpm: {tokens: 1000, per: 60s, max_tokens_per_stream: 2}
 routes:
   - {name: chat, upstream: llm, match: {path: /v1/chat/completions}, limits: [slots]}
   - {name: limited, upstream: llm, match: {path: /v1/limited}, limits: [tight]}
+  - {name: budgeted, upstream: llm, match: {path: /v1/budgeted/chat/completions}, limits: [tpm]}
 """
 
 
@@ -177,15 +184,17 @@ class Prometheus:
                 if answer.get("status") == "success" and predicate(answer["data"]["result"]):
                     return
             except (aiohttp.ClientConnectionError, aiohttp.ContentTypeError):
-                pass  # not listening yet, or listening but not ready (a text/plain 503)
+                pass  # not listening yet, or still starting (503 in plain text)
             assert time.monotonic() < deadline, f"no {what} within {bound}s"
             await asyncio.sleep(0.1)
 
 
 async def send_load(session: aiohttp.ClientSession, upstream, url: str) -> int:
     """Two streams with usage at once (the second waits for concurrency units), a unary
-    answer, a 404 and twice the rate-limited route (1 per minute: at most one gets through);
-    returns how many requests the gateway counted."""
+    answer, a 404, twice the rate-limited route (1 per minute: at most one gets through) and
+    twice the token-budgeted one (the first stream passes its cap of 2 tokens and is ended,
+    the second is refused: the first took the whole budget); returns how many requests the
+    gateway counted."""
     stream = Respond(
         sse=True,
         chunks=[role_delta(), content("a"), Sleep(0.05), content("b"), usage_chunk(5, 2), done()],
@@ -207,7 +216,14 @@ async def send_load(session: aiohttp.ClientSession, upstream, url: str) -> int:
             other.setdefault(path, []).append(resp.status)
     assert chat == [200, 200, 200] and other["/nowhere"] == [404], (chat, other)
     assert other["/v1/limited"] in ([200, 429], [429, 429]), other
-    return len(chat) + 3
+    upstream.script(stream)
+    budgeted = []
+    for _ in range(2):
+        body = chat_body(True, max_tokens=5000)
+        async with session.post(url + "/v1/budgeted/chat/completions", json=body) as resp:
+            budgeted.append((resp.status, b"event: error" in await resp.read()))
+    assert budgeted == [(200, True), (429, False)], budgeted
+    return len(chat) + 5
 
 
 @pytest.fixture

@@ -185,6 +185,18 @@ async def test_a_client_that_leaves_mid_stream_is_charged_what_was_relayed(
     await settled_becomes(client, gw, name, prompt_estimate(800) + 4)
 
 
+async def test_a_stream_cut_by_a_timeout_after_its_commit_point_is_charged_what_was_relayed(
+    start_gateway, upstream, client, scope_yaml
+):
+    top, name = budget_yaml(scope_yaml, tokens=HOUR)
+    route = f"limits: [{name}]\ntimeouts: {{chunk_gap: 200ms}}\n"
+    gw = await start_gateway(config_yaml(upstream.url, route=route, top=top))
+    upstream.script(Respond(sse=True, chunks=[role_delta(), content("a"), content("b"), Stall()]))
+    resp, body = await post(client, gw, 800)
+    assert resp.status == 200 and b"event: error" in body
+    await settled_becomes(client, gw, name, prompt_estimate(800) + 3)
+
+
 @pytest.mark.parametrize(
     "answer",
     [

@@ -88,7 +88,7 @@ async def test_a_request_is_a_server_span_under_the_clients_trace_with_a_span_pe
     sent_first = headers["traceparent"]
     first.failed("upstream_error", "503", status=503)
     trace.retry("503")
-    second = trace.attempt("up", "http://10.0.0.2:8000", headers)
+    second = trace.attempt("up", "http://10.0.0.2:8000", headers, "retry", "503")
     sent_second = headers["traceparent"]
     second.answered(200)
     _committed(ctx)
@@ -133,11 +133,16 @@ async def test_a_request_is_a_server_span_under_the_clients_trace_with_a_span_pe
         "streamgate.upstream": "up",
         "streamgate.endpoint": "http://10.0.0.1:8000",
         "streamgate.attempt": 1,
+        "streamgate.try": "first",
         "http.response.status_code": 503,
         "streamgate.outcome": "upstream_error",
         "error.type": "503",
     }
     assert one.status.status_code is otel.StatusCode.ERROR
+    assert (two.attributes["streamgate.try"], two.attributes["streamgate.try_reason"]) == (
+        "retry",
+        "503",
+    )
     assert two.attributes["streamgate.endpoint"] == "http://10.0.0.2:8000"
     assert two.attributes["streamgate.outcome"] == "ok"
     assert two.attributes["http.response.status_code"] == 200

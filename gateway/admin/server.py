@@ -30,7 +30,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 def admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
-    app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(server_header)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -40,7 +40,7 @@ def admin_app(gateway: Gateway) -> web.Application:
     return app
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+async def server_header(request: web.Request, response: web.StreamResponse) -> None:
     response.headers[SERVER[0]] = SERVER[1]  # not aiohttp's, which names its version
 
 

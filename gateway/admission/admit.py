@@ -49,6 +49,7 @@ class Admittable(budgets.Budgeted, Protocol):
     weight: int
     """Units the request holds (the largest weight charged), for logs."""
     rate_remaining: tuple[int, int] | None
+    token_cap: int | None
 
 
 class _Plan(NamedTuple):
@@ -56,6 +57,8 @@ class _Plan(NamedTuple):
 
     rates: tuple[RateLimiter, ...]
     budgets: tuple[TokenLimiter, ...]
+    token_cap: int | None
+    """The smallest `max_tokens_per_stream` of the budgets, for the relay to enforce."""
     slots: tuple[tuple[Semaphore, int, int], ...]
     """(semaphore, units for a stream, units for a unary request)."""
 
@@ -122,7 +125,8 @@ class Admission:
             for n in route.limits
             if (limit := self._limits.concurrency.get(n)) is not None and n in self.semaphores
         )
-        return _Plan(rates, tokens, slots)
+        caps = [c for b in tokens if (c := b.config.max_tokens_per_stream) is not None]
+        return _Plan(rates, tokens, min(caps, default=None), slots)
 
     def weight(self, route: Route, stream: bool) -> int:
         """The largest weight any of the route's concurrency limits charges (for logs)."""
@@ -146,6 +150,7 @@ class Admission:
                 charges = await budgets.reserve(
                     ctx, route.name, headers, plan.budgets, self._metrics.budgets
                 )
+                ctx.token_cap = plan.token_cap
             held = await _take_units(ctx, route, plan.slots)
         except BaseException:
             budgets.settle(ctx, charges, self._metrics.budgets, refund=True)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from gateway.config.grpc_checks import check_grpc_upstream
 from gateway.config.model import (
     EjectConfig,
     GatewayConfig,
+    GrpcUpstream,
     HealthConfig,
     HttpUpstream,
     WorkerPoolUpstream,
 )
+from gateway.config.processes import check_processes
 from gateway.config.redis_url import BadRedisUrl, parse_redis_url
 from gateway.config.route_checks import check_routes
 from gateway.config.rules import (
@@ -38,6 +41,7 @@ def check(cfg: GatewayConfig) -> list[Problem]:
         *_upstreams(cfg),
         *_limits(cfg),
         *check_routes(cfg),
+        *check_processes(cfg),
     ]
 
 
@@ -116,7 +120,8 @@ def _url(path: str, url: str) -> Problems:
     except ValueError:
         valid = False
     if not valid:
-        yield Problem(path, f"invalid url '{url}' (use http:// or https:// and a host)")
+        message = f"invalid url '{url}' (use http://, https://, ws:// or wss:// and a host)"
+        yield Problem(path, message)
 
 
 def _health(path: str, health: HealthConfig) -> Problems:
@@ -155,7 +160,11 @@ def _worker_count(path: str, pool: WorkerPoolUpstream) -> Problems:
         yield from at_least(f"{path}.count", pool.count, 1)
 
 
-_UPSTREAM_CHECKS = {HttpUpstream: _http, WorkerPoolUpstream: _worker_pool}
+_UPSTREAM_CHECKS = {
+    HttpUpstream: _http,
+    WorkerPoolUpstream: _worker_pool,
+    GrpcUpstream: check_grpc_upstream,
+}
 
 
 # ----------------------------------------------------------------- limits
@@ -196,6 +205,8 @@ def _limits(cfg: GatewayConfig) -> Problems:
         yield from at_least(f"{path}.default_max_tokens", budget.default_max_tokens, 0)
         yield from at_least(f"{path}.bytes_per_token", budget.bytes_per_token, 1)
         yield from at_least(f"{path}.max_keys", budget.max_keys, 1)
+        if budget.max_tokens_per_stream is not None:
+            yield from at_least(f"{path}.max_tokens_per_stream", budget.max_tokens_per_stream, 1)
 
 
 def _weight(path: str, weight: int, capacity: int) -> Problems:

@@ -10,9 +10,10 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, get_args, get_type_hints
 
-from gateway.config.model import RateLimit, TokenBudget
+from gateway.config.model import EndpointConfig, RateLimit, TokenBudget
 from gateway.config.routes import (
     DEFAULT_FALLBACK_ON,
+    AnswerEnd,
     Fallback,
     FramingConfig,
     RetryPolicy,
@@ -20,7 +21,7 @@ from gateway.config.routes import (
 )
 
 # Dataclasses that may also be written as a bare scalar, giving this one field.
-SHORTHAND = {Fallback: "upstream", FramingConfig: "kind"}
+SHORTHAND = {Fallback: "upstream", FramingConfig: "kind", AnswerEnd: "kind"}
 
 
 def _lower_header_key(key: str) -> str:
@@ -36,8 +37,18 @@ def _lower_keys(headers: Mapping[str, str]) -> Mapping[str, str]:
     return types.MappingProxyType({k.lower(): v for k, v in headers.items()})
 
 
+def _http_scheme(url: str) -> str:
+    # A WebSocket server is an HTTP server (the upgrade is an HTTP request): `ws://` is dialled
+    # as `http://` for plain requests and health probes, and back as `ws://` for sessions.
+    for ws, http in (("ws://", "http://"), ("wss://", "https://")):
+        if url[: len(ws)].lower() == ws:
+            return http + url[len(ws) :]
+    return url
+
+
 # Applied to a field's converted value: normal forms the rest of the gateway can rely on.
 NORMALIZE: dict[tuple[type, str], Callable[[Any], Any]] = {
+    (EndpointConfig, "url"): _http_scheme,
     (RouteMatch, "methods"): _upper_all,
     (RouteMatch, "headers"): _lower_keys,
     (RateLimit, "key"): _lower_header_key,

@@ -63,6 +63,11 @@ class TokenBudget:
     `usage.prompt_tokens` where it reports one)."""
     max_keys: int = 10000
     """`scope: local`: bound on distinct keys kept in memory (least recently used go first)."""
+    max_tokens_per_stream: int | None = None
+    """Completion tokens one stream may produce (default: no cap). Counted as settlement
+    counts them, one per relayed event, or the upstream's `usage.completion_tokens` when it
+    arrives; past the cap the gateway ends the stream visibly (SSE `event: error`, condition
+    `token_cap_exceeded`) and closes the upstream. With several budgets, the smallest wins."""
 
 
 @dataclass(frozen=True, slots=True)

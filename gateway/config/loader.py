@@ -19,6 +19,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from gateway.config.checks import check
+from gateway.config.descriptor_sets import anchor_descriptor_sets
 from gateway.config.fields import COMPLETE, NORMALIZE, SHORTHAND, FieldSpec, kind_of, yaml_fields
 from gateway.config.model import GatewayConfig
 from gateway.config.rules import Problem, did_you_mean
@@ -26,11 +27,19 @@ from gateway.config.scalars import BadScalar, read_literal, read_scalar, scalar_
 from gateway.config.yaml_nodes import at, compose, describe, position
 from gateway.errors import ConfigError, ConfigErrors
 
-__all__ = ["load_config", "load_config_text"]
+__all__ = ["load_config", "load_config_text", "read_config_text"]
 
 
-def load_config(path: str, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load and validate the config file at `path`; raises `ConfigErrors` listing every error."""
+def load_config(
+    path: str, env: Mapping[str, str] | None = None, workers: int | None = None
+) -> GatewayConfig:
+    """Load and validate the config file at `path`; raises `ConfigErrors` listing every error.
+    `workers` (the command line's `--workers`) replaces `server.workers` before the checks."""
+    return load_config_text(read_config_text(path), path, env, workers)
+
+
+def read_config_text(path: str) -> str:
+    """The config file's text; raises `ConfigErrors` when it cannot be read as UTF-8."""
     # Errors are reported like any other config error so `validate` and reload print one format.
     try:
         with open(path, "rb") as f:
@@ -40,16 +49,17 @@ def load_config(path: str, env: Mapping[str, str] | None = None) -> GatewayConfi
         raise ConfigErrors([ConfigError(path, 1, 1, "", message)]) from None
     try:
         # Universal newlines, as text mode reads them: a bare CR ends a line in editors too.
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as exc:
         before = data[: exc.start].decode("utf-8")
         line, column = position(before, len(before))
         message = f"cannot read it: not UTF-8 text (byte 0x{data[exc.start]:02x})"
         raise ConfigErrors([ConfigError(path, line, column, "", message)]) from None
-    return load_config_text(text, path, env)
 
 
-def load_config_text(text: str, source: str, env: Mapping[str, str] | None = None) -> GatewayConfig:
+def load_config_text(
+    text: str, source: str, env: Mapping[str, str] | None = None, workers: int | None = None
+) -> GatewayConfig:
     """Parse config `text`; `source` names the file in error messages and `GatewayConfig.source`."""
     root = compose(text, source)
     converter = _Converter(source, os.environ if env is None else env)
@@ -59,6 +69,9 @@ def load_config_text(text: str, source: str, env: Mapping[str, str] | None = Non
         raise ConfigErrors(converter.errors) from None
     if converter.errors:  # unknown and duplicate keys are reported without failing the value
         raise ConfigErrors(converter.errors)
+    cfg = anchor_descriptor_sets(cfg, os.path.dirname(source))
+    if workers is not None:
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, workers=workers))
     problems = check(cfg)
     if problems:
         raise ConfigErrors([converter.position(p) for p in problems])

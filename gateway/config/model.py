@@ -29,7 +29,8 @@ from gateway.config.limits import (  # noqa: F401 -- declared there, part of thi
     Weights,
 )
 from gateway.config.routes import Route
-from gateway.config.units import Bytes, HostPort, KiB, MiB, Seconds, frozen_map
+from gateway.config.telemetry import TelemetryConfig, TracingConfig  # noqa: F401 -- as limits
+from gateway.config.units import Bytes, HostPort, KiB, MiB, Processes, Seconds, frozen_map
 
 # --------------------------------------------------------------------------- server side
 
@@ -58,6 +59,16 @@ class ServerConfig:
     body_timeout: Seconds = 30.0
     """The longest a whole request body may take to arrive once its headers are in; past it,
     408 and the connection is closed."""
+    grpc_listen: HostPort | None = None
+    """Where gRPC clients connect (HTTP/2, plaintext); absent: no gRPC listener. Calls take
+    only routes with a `grpc` block; their request messages (bounded by `max_request_body`,
+    within `body_timeout`) are buffered so retries can replay them."""
+    workers: Processes = 1
+    """Serving processes sharing `listen` (SO_REUSEPORT), one per core: `N` or `auto` (one
+    per available CPU). Above 1, a supervisor process starts them, restarts a crashed one,
+    reaches all of them with reloads and SIGTERM, and answers on `admin.listen` for all;
+    `scope: local` limits and `max_connections` are split between them (README, "One process
+    per core"). `streamgate serve --workers` overrides it; a change takes effect on restart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,33 +94,15 @@ class StateConfig:
     """Global concurrency units held by a dead replica come back after this long."""
 
 
-@dataclass(frozen=True, slots=True)
-class TracingConfig:
-    exporter: Literal["none", "console", "otlp"] = "none"
-    endpoint: str | None = None
-    """OTLP/HTTP endpoint, e.g. http://127.0.0.1:4318/v1/traces (exporter: otlp)."""
-    sample_ratio: float = 1.0
-    """Fraction of new traces sampled, 0.0 to 1.0; a sampled parent is always followed."""
-
-
-@dataclass(frozen=True, slots=True)
-class TelemetryConfig:
-    tracing: TracingConfig = TracingConfig()
-    access_log: Literal["json", "off"] = "json"
-    """One JSON line per request on stderr, or nothing."""
-    genai_metrics: bool = False
-    """Also export OpenTelemetry GenAI semantic-convention metrics
-    (gen_ai_server_time_to_first_token_seconds, gen_ai_client_token_usage, ...) beside the
-    streamgate_* ones; their model label is the route's configured `match.model` (bounded)."""
-
-
 # --------------------------------------------------------------------------- upstreams
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointConfig:
     url: str
-    """Base URL (scheme, host, port, optional path prefix); the request path is appended."""
+    """Base URL (scheme, host, port, optional path prefix); the request path is appended.
+    `ws://` and `wss://` are read as `http://` and `https://` (a WebSocket server answers
+    HTTP too): whether a route speaks WebSocket to it is the route's choice."""
     weight: int = 1
     """Share of traffic under `balance: weighted`; ignored by the other policies."""
 
@@ -152,6 +145,7 @@ class EjectConfig:
 
 
 Balance = Literal["round_robin", "least_outstanding", "weighted"]
+Prefill = Literal["none", "assistant", "vllm"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +162,16 @@ class HttpUpstream:
     """Requests in flight to this upstream at once (all endpoints together; one connection
     each). A try that finds them all busy waits up to the route's `timeouts.queue` for one,
     then fails with the condition `pool_exhausted` (503 with Retry-After unless retried)."""
+    prefill: Prefill = "none"
+    """How a route's `resume` asks this upstream to continue a partial answer. `none` sends no
+    prefill: the answer is asked for again and relayed past the text already sent, only if
+    it begins with exactly that text (a deterministic backend, or `temperature: 0`).
+    `assistant` appends an assistant message holding the partial text, which the backend
+    continues (Anthropic's Messages API, llama.cpp's server). `vllm` does that and also sends
+    `continue_final_message: true` and `add_generation_prompt: false` (vLLM, SGLang). A
+    backend that refuses the prefill (400 or 422) is asked as with `none`. Never `assistant`
+    for a backend that answers a final assistant message afresh (OpenAI's API does): the
+    text would repeat."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,9 @@ class WorkerPoolUpstream:
     command: tuple[str, ...]
     """Argument vector; `{port}`, `{gpu}` and `{index}` are substituted per worker."""
     kind: Literal["worker_pool"] = "worker_pool"
+    protocol: Literal["http", "grpc"] = "http"
+    """What the workers serve: `http` (probed with GET `ready.path`), or `grpc` (reached at
+    grpc://host:port, probed with grpc.health.v1; routes to it need `grpc` or `grpc_bridge`)."""
     gpus: tuple[str, ...] | None = None
     """One worker per entry, with CUDA_VISIBLE_DEVICES set to it. Exclusive with `count`."""
     count: int | None = None
@@ -207,9 +214,46 @@ class WorkerPoolUpstream:
     eject: EjectConfig = EjectConfig()
     max_connections: int = 256
     """As for `kind: http`: requests in flight to the pool at once, across its workers."""
+    prefill: Prefill = "none"
+    """As for `kind: http`: how a route's `resume` asks it to continue a partial answer."""
 
 
-Upstream = HttpUpstream | WorkerPoolUpstream
+@dataclass(frozen=True, slots=True)
+class GrpcHealthConfig:
+    """Active probes through the standard `grpc.health.v1.Health/Check`."""
+
+    service: str = ""
+    """The service name asked about; "" asks about the server as a whole."""
+    interval: Seconds = 5.0
+    timeout: Seconds = 2.0
+    unhealthy_after: int = 3
+    """Consecutive probes not answered SERVING before the endpoint leaves rotation."""
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcUpstream:
+    """A gRPC server (HTTP/2). Calls are relayed as opaque messages, so no proto files are
+    needed, except by an HTTP route that bridges to it (`grpc_bridge`)."""
+
+    endpoints: tuple[EndpointConfig, ...]
+    """`grpc://host:port` (plaintext) or `grpcs://host:port` (TLS, system roots); one HTTP/2
+    channel per endpoint, shared by every call to it."""
+    kind: Literal["grpc"] = "grpc"
+    headers: Mapping[str, str] = field(default_factory=frozen_map, metadata={"yaml": "metadata"})
+    """Metadata added to every call, replacing the client's entry of the same (lower-cased) key."""
+    balance: Balance = "least_outstanding"
+    health: GrpcHealthConfig | None = None
+    """Active probes; without this block every endpoint counts as ready."""
+    eject: EjectConfig = EjectConfig()
+    max_connections: int = 256
+    """Calls in flight to this upstream at once (all endpoints together); as for `kind: http`,
+    a try that finds them all busy waits up to `timeouts.queue`, then fails as `pool_exhausted`."""
+    max_message_size: Bytes = 4 * MiB
+    """Largest response message accepted from the upstream (gRPC's own default); a larger one
+    ends the call with RESOURCE_EXHAUSTED."""
+
+
+Upstream = HttpUpstream | WorkerPoolUpstream | GrpcUpstream
 
 
 # --------------------------------------------------------------------------- the whole

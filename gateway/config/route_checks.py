@@ -6,8 +6,10 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
+from gateway.config.grpc_checks import check_grpc_route
+from gateway.config.grpc_status import GRPC_STATUS_NAMES
 from gateway.config.model import GatewayConfig
-from gateway.config.routes import RetryPolicy, Route, RouteMatch
+from gateway.config.routes import RESUME_CONDITIONS, AnswerEnd, RetryPolicy, Route, RouteMatch
 from gateway.config.rules import (
     Problem,
     Problems,
@@ -57,16 +59,73 @@ def _route(path: str, route: Route, cfg: GatewayConfig) -> Problems:
         yield Problem(f"{path}.framing.require_footer", message)
     if route.websocket is not None:
         yield from _websocket(path, route)
+    if route.websocket_upstream is not None:
+        yield from _websocket_upstream(path, route)
+    if route.hedge is not None:
+        yield from _hedge(f"{path}.hedge", route)
+    if route.resume is not None:
+        yield from _resume(f"{path}.resume", route)
+    yield from check_grpc_route(path, route, cfg)
+
+
+def _hedge(path: str, route: Route) -> Problems:
+    hedge = route.hedge
+    yield from positive(f"{path}.after", hedge.after, "s")
+    yield from at_least(f"{path}.max_extra", hedge.max_extra, 1)
+    if not 0 <= hedge.budget_percent <= 100:
+        yield Problem(f"{path}.budget_percent", "must be a percentage 0-100")
+    if route.websocket is not None:
+        yield Problem(path, "hedging races request/answer streams, not websocket sessions")
+
+
+def _resume(path: str, route: Route) -> Problems:
+    resume = route.resume
+    known_ones = ", ".join(RESUME_CONDITIONS)
+    for j, condition in enumerate(resume.on):
+        if condition not in RESUME_CONDITIONS:
+            hint = did_you_mean(condition, RESUME_CONDITIONS)
+            message = f"unknown condition '{condition}'{hint}; known: {known_ones}"
+            yield Problem(f"{path}.on[{j}]", message)
+    yield from at_least(f"{path}.max", resume.max, 1)
+    yield from at_least(f"{path}.max_prefix_bytes", resume.max_prefix_bytes, 1)
+    if route.websocket is not None:
+        yield Problem(path, "resume continues SSE chat completions, not websocket sessions")
+    elif route.grpc is not None or route.grpc_bridge is not None:
+        yield Problem(path, "resume continues SSE chat completions from HTTP upstreams, not gRPC")
+    elif route.framing.kind not in ("auto", "sse"):
+        kind = route.framing.kind
+        yield Problem(path, f"resume continues SSE chat completions, not framing {kind}")
 
 
 def _websocket(path: str, route: Route) -> Problems:
     ws = route.websocket
     yield from at_least(f"{path}.websocket.max_message_size", ws.max_message_size, 1)
     yield from positive(f"{path}.websocket.idle", ws.idle, "s")
+    yield from at_least(f"{path}.websocket.replay_buffer", ws.replay_buffer, 1)
+    if ws.answer_end is not None:
+        yield from _answer_end(f"{path}.websocket.answer_end", ws.answer_end)
     if route.match.model is not None:
         # A session is routed on its upgrade request, which has no body to read a model from.
         message = "a websocket route is chosen before any message arrives: no model to match"
         yield Problem(f"{path}.match.model", message)
+
+
+def _websocket_upstream(path: str, route: Route) -> Problems:
+    bridge = route.websocket_upstream
+    if route.websocket is not None:
+        message = "a websocket route relays or bridges its sessions itself; drop one of the two"
+        yield Problem(f"{path}.websocket_upstream", message, at_key=True)
+    yield from at_least(
+        f"{path}.websocket_upstream.max_message_size", bridge.max_message_size, 1
+    )
+    yield from _answer_end(f"{path}.websocket_upstream.answer_end", bridge.answer_end)
+
+
+def _answer_end(path: str, end: AnswerEnd) -> Problems:
+    if end.kind == "match" and not end.match:
+        yield Problem(f"{path}.match", "name at least one field the end message has")
+    if end.kind == "finish_reason" and end.match:
+        yield Problem(f"{path}.match", "only with kind: match (finish_reason matches on its own)")
 
 
 def _route_limits(path: str, route: Route, limits: Mapping[str, object]) -> Problems:
@@ -111,9 +170,10 @@ def _condition(path: str, condition: str) -> Problems:
             "chunk_gap_timeout cannot be retried: it happens after the commit point,"
             " and after the commit point there is never a retry",
         )
-    elif condition not in RETRY_CONDITIONS:
+    elif condition not in RETRY_CONDITIONS and condition not in GRPC_STATUS_NAMES:
         # Any other word is an upstream JSON error code, so only a near miss of a known
-        # condition is flagged; the high cutoff keeps real error codes from looking like typos.
-        hint = did_you_mean(condition, RETRY_CONDITIONS, cutoff=0.8)
+        # condition (or gRPC status name) is flagged; the high cutoff keeps real error codes
+        # from looking like typos.
+        hint = did_you_mean(condition, RETRY_CONDITIONS + GRPC_STATUS_NAMES, cutoff=0.8)
         if hint:
             yield Problem(path, f"unknown condition '{condition}'{hint}")

@@ -14,9 +14,10 @@ from typing import Annotated, Any, get_args, get_origin
 from yaml.nodes import Node, ScalarNode
 
 from gateway.config.rules import did_you_mean
+from gateway.config.units import available_cpus
 from gateway.config.yaml_nodes import BOOL, FLOAT, INT, NULL, describe, implicit_tag
 
-__all__ = ["BadScalar", "read_literal", "read_scalar", "scalar_text"]
+__all__ = ["BadScalar", "parse_processes", "read_literal", "read_scalar", "scalar_text"]
 
 
 class BadScalar(Exception):
@@ -96,6 +97,15 @@ def _parse_hostport(text: str) -> tuple[str, int]:
     return (m["ipv6"] or m["host"] or "0.0.0.0", int(m["port"]))
 
 
+def parse_processes(text: str) -> int:
+    """`auto` (one per available CPU) or a whole number; also the CLI's `--workers`."""
+    if text == "auto":
+        return available_cpus()
+    if implicit_tag(text) != INT:
+        raise ValueError(f"expected a whole number of processes or auto, got '{text}'")
+    return _parse_int(text)
+
+
 # Scalar field types (a Python type, or the tag in `Annotated[...]`): what they are called in
 # "expected ..." messages, and how their text is parsed.
 _SCALARS: dict[object, tuple[str, Callable[[str], Any]]] = {
@@ -106,6 +116,7 @@ _SCALARS: dict[object, tuple[str, Callable[[str], Any]]] = {
     "duration": ("a duration", _parse_duration),
     "size": ("a size", _parse_size),
     "hostport": ("an address HOST:PORT", _parse_hostport),
+    "processes": ("a number of processes or auto", parse_processes),
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -23,8 +23,8 @@ import types
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+from gateway.config import limits, rescue, routes, telemetry
 from gateway.config import model as config_module
-from gateway.config import routes as routes_module
 
 # The loader's own tables: which YAML key each field is, and which dataclasses may also be
 # written as one scalar. Shared, not copied, so the schema follows the loader.
@@ -63,6 +63,10 @@ SPECIAL_SCALARS: dict[str, dict[str, Any]] = {
         "description": "A listen address HOST:PORT: `0.0.0.0:8080`, `[::1]:8080`, `:8080`.",
         "type": "string",
         "pattern": r"^(\[[^\]]+\]|[^:\[\]]*):\d{1,5}$",
+    },
+    "processes": {
+        "description": "A number of processes, or `auto` for one per available CPU.",
+        "anyOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
     },
 }
 
@@ -197,13 +201,13 @@ def _size_text(size: int) -> str:
 
 @functools.cache
 def _module_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field name: docstring}} from the declarations (config/model.py and
-    config/routes.py): the string literal that follows a field's annotated assignment is that
+    """{class name: {field name: docstring}} from the declarations (config/model.py and the
+    modules it builds on): the string literal that follows a field's annotated assignment is that
     field's documentation."""
     docs: dict[str, dict[str, str]] = {}
     nodes = [
         node
-        for module in (config_module, routes_module)
+        for module in (config_module, routes, limits, rescue, telemetry)
         for node in ast.parse(inspect.getsource(module)).body
     ]
     for node in nodes:

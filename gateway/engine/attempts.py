@@ -1,201 +1,268 @@
-"""Open the upstream answer, retrying until the commit point is in hand.
+"""The attempt loop: the only place tries are run, retried, failed over, hedged and resumed.
 
-This is the only place retries live, for every protocol. Everything before the commit point is
-retryable and nothing has reached the client yet; `open_stream` either returns an `Opened`
+This is the only retry loop, for every protocol. Everything before the commit point is
+retryable and nothing has reached the client yet; `Attempts.open` either returns an `Opened`
 answer (the commit point has been reached, or a complete answer is ready to relay) or raises
-the `GatewayError` the client should get.
+the `GatewayError` the client should get. Where each try goes, and what a failure leads to, is
+the route's order (`order.py`).
 
-Order of tries: the route's upstream, then each fallback. On each, up to `retry.attempts`
-tries (the first included), preferring an endpoint this request has not tried. After a failure:
-- a condition in `retry.fallback_on` moves to the next fallback at once;
-- a condition in `retry.on` tries the same upstream again after backoff (an upstream
-  `Retry-After` honoured up to `backoff.max`), then moves on;
-- any other condition is final: an upstream's answer is relayed as sent, a connection
-  failure becomes 502, a timeout 504.
-When everything has failed, the client gets the most recent answer any upstream sent.
+Tries run as tasks, one after another, or side by side when the route hedges (`hedge:`): when
+the newest try has sent no content for `hedge.after`, the next try in order starts beside it
+(a fresh endpoint, else the next fallback), within `hedge.max_extra` per request and the
+route's `HedgeBudget`. The first try to reach its commit point wins; every other one is
+cancelled at once, which closes its connection (never returned to the pool) and frees its
+connection slot. While tries run side by side, a failed one only leaves its answer behind, as
+the others are its retry; when the last one fails, the policy decides as it would for a lone
+try (and an answer no policy lists, left by any of them, is final).
 
-One kind of failure costs no try: one that provably never reached a live server process (the
-connection was refused, or a reused keep-alive connection turned out dead before any response
-byte, as when a worker was killed). It is retried at once on another endpoint (or a fresh
-connection), at most once per endpoint of the upstream, without consuming a `retry.attempts`
-try: the operator's count is of requests an upstream could have worked on.
+After the commit point the same loop serves a resume (`Attempts.resume`, see resume.py): the
+relay asks it for a fresh try to continue a broken stream, with another request body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import random
 from collections.abc import Mapping
+from typing import Protocol
 
-from gateway.config.routes import Backoff, Route
+from gateway.config.routes import Route
 from gateway.engine.commit import AttemptFailed, HeldResponse
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
+from gateway.engine.hedge import HedgeBudget
+from gateway.engine.order import Try, TryOrder
 from gateway.engine.try_once import try_once
-from gateway.errors import (
-    GatewayError,
-    NoHealthyUpstream,
-    PoolExhausted,
-    UpstreamConnectError,
-    UpstreamTimeout,
-)
+from gateway.errors import GatewayError, NoHealthyUpstream
 from gateway.observe.metrics import Metrics
-from gateway.upstreams.endpoint import Endpoint
 from gateway.upstreams.pool import UpstreamPool
 
 
-async def open_stream(
-    ctx: RequestContext,
-    route: Route,
-    pools: Mapping[str, UpstreamPool],
-    headers: dict,
-    metrics: Metrics,
-) -> Opened:
-    tries = _Tries(ctx, route, headers, metrics)
-    hops = _hops(route)
-    loop = asyncio.get_running_loop()
-    for i, (upstream, model) in enumerate(hops):
-        # A pool with nothing in rotation is skipped while a later hop has something; when
-        # none has, it is tried anyway if in panic (rather than refusing the request).
-        later = hops[i + 1 :]
-        last_resort = not any(pools[u].has_endpoint_for(m or ctx.model) for u, m in later)
-        opened = await tries.on_upstream(pools[upstream], model, last_resort)
+class Ask(Protocol):
+    """What a run of the loop asks each try for: the first answer, or a continuation."""
+
+    why: str
+    """How the run's first try is logged: "first" or "resume"."""
+    reason: str | None
+    hedged: bool
+    """Whether its tries may be hedged."""
+
+    async def attempt(self, attempts: Attempts, t: Try) -> Opened: ...
+
+
+class Attempts:
+    """One request's tries across the route's upstreams, and what the failed ones left."""
+
+    __slots__ = (
+        "ctx", "route", "headers", "metrics", "order", "budget", "hedges", "held", "error",
+        "_started_at",
+    )
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        route: Route,
+        pools: Mapping[str, UpstreamPool],
+        headers,
+        metrics: Metrics,
+        budget: HedgeBudget | None = None,
+    ) -> None:
+        self.ctx, self.route, self.headers, self.metrics = ctx, route, headers, metrics
+        self.order = TryOrder(ctx, route, pools)
+        self.budget = None
+        if route.hedge is not None:  # the runtime's, shared by the route's requests
+            self.budget = budget or HedgeBudget(route.hedge.budget_percent)
+        self.hedges = 0
+        """Hedges started for this request."""
+        self.held: HeldResponse | None = None
+        """The most recent complete answer of a failed try: the client's if all fail."""
+        self.error: GatewayError | None = None
+        self._started_at = 0.0
+
+    async def open(self) -> Opened:
+        """The answer to relay (its commit point reached), or the error the client gets."""
+        if self.budget is not None:
+            self.budget.request()
+        opened = await self._run(_First())
         if opened is not None:
             return opened
-        if loop.time() >= ctx.deadline:
-            break
-    if tries.held is not None:
-        return tries.held.opened()
-    raise tries.error or NoHealthyUpstream("no upstream could be tried")
+        if self.held is not None:
+            return self.held.opened()
+        raise self.error or self.order.unavailable or NoHealthyUpstream("no upstream to try")
 
-
-class _Tries:
-    """One request's tries across its hops, and what the failed ones left behind."""
-
-    __slots__ = ("ctx", "route", "headers", "metrics", "held", "error", "retry_reason")
-
-    def __init__(self, ctx: RequestContext, route: Route, headers: dict, metrics: Metrics) -> None:
-        self.ctx, self.route, self.headers, self.metrics = ctx, route, headers, metrics
-        self.held: HeldResponse | None = None
-        self.error: GatewayError | None = None
-        self.retry_reason: str | None = None  # why the next try, if one happens, is a retry
-
-    async def on_upstream(
-        self, pool: UpstreamPool, model: str | None, last_resort: bool
-    ) -> Opened | None:
-        """Up to `retry.attempts` tries on one upstream: the Opened answer, None to move on
-        to the next hop, or (for an unlisted condition) the final answer raised or returned."""
-        ctx, policy = self.ctx, self.route.retry
-        body = _with_model(ctx, model)
-        sent_model = model if model is not None else ctx.model
-        tried: set[Endpoint] = set()
-        attempt, free_left = 0, len(pool.endpoints)
-        while attempt < policy.attempts:
-            endpoint = pool.pick(tried, sent_model, last_resort)
-            if endpoint is None:
-                self.error = self.error or NoHealthyUpstream(
-                    f"upstream {pool.name!r} has no endpoint in rotation"
-                )
-                return None
-            self._count_retry()
-            tried.add(endpoint)
-            try:
-                opened = await self._try(pool, endpoint, body, sent_model)
-            except AttemptFailed as failed:
-                self.held = failed.held or self.held
-                self.error = failed.error
-                if failed.free and free_left:
-                    free_left -= 1
-                    self.retry_reason = failed.reason
-                    continue
-                attempt += 1
-                matched = _decide(failed.conditions, self.route)
-                if matched is None:
-                    return _final(failed)
-                self.retry_reason = failed.reason
-                if matched == "fallback" or attempt == policy.attempts:
-                    return None
-                if not await self._backoff(attempt, failed.retry_after):
-                    return None
-            else:
-                return opened
-        return None
-
-    def _count_retry(self) -> None:
-        if self.retry_reason is not None:  # a retry is a try that follows a failure
-            self.metrics.retries.labels(self.route.name, self.retry_reason).inc()
-            self.ctx.trace.retry(self.retry_reason)
-            self.retry_reason = None
-
-    async def _try(
-        self, pool: UpstreamPool, endpoint: Endpoint, body: bytes, model: str | None
-    ) -> Opened:
-        ctx, metrics = self.ctx, self.metrics
-        ctx.upstream, ctx.endpoint = pool.name, endpoint.url
-        ctx.attempts += 1
-        span = ctx.trace.attempt(pool.name, endpoint.url, self.headers)
+    async def resume(self, ask: Ask) -> Opened | None:
+        """A fresh try's continuation of a committed stream; None when none could give one."""
         try:
-            opened = await try_once(ctx, self.route, pool, endpoint, body, model, self.headers)
-        except AttemptFailed as failed:
-            outcome = _attempt_outcome(failed)
-            span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
-            metrics.upstream_attempts.labels(pool.name, outcome).inc()
-            raise
-        span.answered(opened.status)
-        outcome = "ok" if opened.status < 400 else "upstream_error"
-        metrics.upstream_attempts.labels(pool.name, outcome).inc()
+            opened = await self._run(ask)
+        except GatewayError:
+            return None
+        if opened is not None and opened.status != 200:
+            opened.finish(clean=False)
+            return None
         return opened
 
-    async def _backoff(self, attempt: int, retry_after: float | None) -> bool:
-        """Sleep before the next try; False when that would run past the deadline."""
+    # ------------------------------------------------------------- the loop
+
+    async def _run(self, ask: Ask) -> Opened | None:
+        """Tries until one reaches its commit point (returned), or a failure is final (its
+        answer returned, or its error raised), or none is left (None)."""
+        running: dict[asyncio.Task, Try] = {}
+        final: AttemptFailed | None = None
+        why, reason = ask.why, ask.reason
+        hedge_at: float | None = None
         loop = asyncio.get_running_loop()
-        delay = backoff_delay(self.route.retry.backoff, attempt, retry_after)
-        if loop.time() + delay >= self.ctx.deadline:
-            return False
-        await asyncio.sleep(delay)
-        return True
+        try:
+            while True:
+                if not running:
+                    if final is not None:
+                        return _final(final)
+                    # A resume prefers a backend other than the one that broke.
+                    t = self.order.next(fresh=True) if why == "resume" else None
+                    t = t or self.order.next()
+                    if t is None:
+                        return None
+                    self._start(running, ask, t, why, reason)
+                    hedge_at = self._hedge_at(ask)
+                timeout = None if hedge_at is None else max(0.0, hedge_at - loop.time())
+                done, _ = await asyncio.wait(
+                    running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    hedge_at = self._hedge(running, ask)
+                    continue
+                for task in [task for task in running if task in done]:
+                    t = running.pop(task)
+                    try:
+                        opened = task.result()
+                    except AttemptFailed as failed:
+                        decision = self._failed(t, failed)
+                        if decision == "final":
+                            final = failed
+                        elif not running and final is None:
+                            why, reason = "retry", failed.reason
+                            if decision == "retry":
+                                await self.order.backoff(failed.retry_after)
+                    else:
+                        return self._won(t, opened, running)
+        finally:
+            if running:
+                await _cancel(running)
+
+    def _start(
+        self, running: dict, ask: Ask, t: Try, why: str, reason: str | None
+    ) -> None:
+        t.why, t.reason = why, reason
+        if why == "retry":  # a retry is a try that follows a failure
+            self.metrics.child(self.metrics.retries, self.route.name, reason).inc()
+            self.ctx.trace.retry(reason)
+        running[asyncio.ensure_future(ask.attempt(self, t))] = t
+        self._started_at = asyncio.get_running_loop().time()
+
+    def _hedge_at(self, ask: Ask) -> float | None:
+        """When to start a hedge beside the running tries, if one may be started at all."""
+        policy = self.route.hedge
+        if policy is None or not ask.hedged or self.hedges >= policy.max_extra:
+            return None
+        return self._started_at + policy.after
+
+    def _hedge(self, running: dict, ask: Ask) -> float | None:
+        """No content yet: start the next try beside the others, budget allowing."""
+        metrics, rescue, route = self.metrics, self.metrics.rescue, self.route.name
+        if not self.budget.room():
+            metrics.child(rescue.hedges_over_budget, route).inc()
+            return None
+        t = self.order.next(fresh=True)
+        if t is None:
+            return None
+        self.budget.spend()
+        self.hedges += 1
+        metrics.child(rescue.hedges_started, route).inc()
+        self.ctx.trace.hedge(self.route.hedge.after)
+        self._start(running, ask, t, "hedge", "slow_first_chunk")
+        return self._hedge_at(ask)
+
+    def _failed(self, t: Try, failed: AttemptFailed) -> str:
+        self.held = failed.held or self.held
+        self.error = failed.error
+        return self.order.failed(t, failed)
+
+    def _won(self, t: Try, opened: Opened, losers: dict[asyncio.Task, Try]) -> Opened:
+        self.ctx.upstream, self.ctx.endpoint = t.upstream, t.url
+        if t.why == "hedge":
+            self.metrics.child(self.metrics.rescue.hedges_won, self.route.name).inc()
+        for loser in losers.values():
+            loser.lost = True
+        return opened
+
+    # ------------------------------------------------------------- one request
+
+    async def send(self, t: Try, body: bytes) -> Opened:
+        """One request of a try, observed: its span, its attempt metric, its record."""
+        ctx, metrics = self.ctx, self.metrics
+        ctx.upstream, ctx.endpoint = t.upstream, t.url
+        ctx.attempts += 1
+        ctx.tries.append(t)
+        headers = self.headers.copy()  # each try carries its own traceparent
+        span = t.span = ctx.trace.attempt(t.upstream, t.url, headers, t.why, t.reason)
+        model = t.model if t.model is not None else ctx.model
+        try:
+            opened = await try_once(ctx, self.route, t.pool, t.endpoint, body, model, headers)
+        except AttemptFailed as failed:
+            outcome = failed.outcome
+            t.result = failed.reason
+            span.failed(outcome, failed.reason, failed.held.status if failed.held else None)
+            metrics.child(metrics.upstream_attempts, t.upstream, outcome).inc()
+            raise
+        except asyncio.CancelledError:
+            t.result = "hedge_lost" if t.lost else "cancelled"
+            if t.lost:
+                span.abandoned("hedge_lost")
+                metrics.child(metrics.upstream_attempts, t.upstream, "hedge_lost").inc()
+            raise
+        span.answered(opened.status)
+        opened.tried = t
+        t.result = "ok" if opened.status < 400 else str(opened.status)
+        outcome = "ok" if opened.status < 400 else "upstream_error"
+        metrics.child(metrics.upstream_attempts, t.upstream, outcome).inc()
+        return opened
+
+    def body_for(self, t: Try) -> bytes:
+        """The request body as the client sent it, with the fallback's model rewrite."""
+        ctx = self.ctx
+        if t.model is None or ctx.json is None:
+            return ctx.body
+        return json.dumps({**ctx.json, "model": t.model}).encode()
 
 
-def _attempt_outcome(failed: AttemptFailed) -> str:
-    if isinstance(failed.error, PoolExhausted):
-        return "pool_exhausted"
-    if isinstance(failed.error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(failed.error, UpstreamConnectError):
-        return "connect_error"
-    return "upstream_error"
+class _First:
+    """The request's own answer."""
+
+    why, reason, hedged = "first", None, True
+
+    async def attempt(self, attempts: Attempts, t: Try) -> Opened:
+        return await attempts.send(t, attempts.body_for(t))
 
 
-def _hops(route: Route) -> list[tuple[str, str | None]]:
-    return [(route.upstream, None)] + [(f.upstream, f.model) for f in route.fallbacks]
+async def _cancel(running: dict[asyncio.Task, Try]) -> None:
+    """Cancel the tries still running and wait until each has closed its connection. One that
+    reaches its commit point anyway is closed too, even if this wait is itself cancelled."""
+    for task, t in running.items():
+        task.add_done_callback(functools.partial(_discard, t))
+        task.cancel()
+    await asyncio.wait(running)
 
 
-def _with_model(ctx: RequestContext, model: str | None) -> bytes:
-    if model is None or ctx.json is None:
-        return ctx.body
-    return json.dumps({**ctx.json, "model": model}).encode()
-
-
-def _decide(conditions: tuple[str, ...], route: Route) -> str | None:
-    """ "fallback", "retry", or None when no condition is listed (the failure is final)."""
-    policy = route.retry
-    if any(c in policy.fallback_on for c in conditions):
-        return "fallback"
-    if any(c in policy.on for c in conditions):
-        return "retry"
-    return None
+def _discard(t: Try, task: asyncio.Task) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return  # try_once closed the connection on its way out
+    task.result().finish(clean=False)
+    if t.lost:
+        t.result = "hedge_lost"
+        t.span.abandoned("hedge_lost")
 
 
 def _final(failed: AttemptFailed) -> Opened:
     if failed.held is not None:
         return failed.held.opened()
     raise failed.error
-
-
-def backoff_delay(backoff: Backoff, retry_number: int, retry_after: float | None) -> float:
-    """Exponential from `base`, capped at `max`; an upstream's Retry-After wins, up to `max`."""
-    if retry_after is not None:
-        return min(retry_after, backoff.max)
-    delay = min(backoff.max, backoff.base * 2 ** (retry_number - 1))
-    return random.uniform(delay / 2, delay) if backoff.jitter else delay

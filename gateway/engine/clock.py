@@ -1,8 +1,9 @@
 """The deadlines of one committed stream, kept by a single lazily re-armed timer.
 
 A two-way session (WebSocket) may rest between answers: with `idle` given, the upstream's
-silence is bounded by `idle` while nothing is asked of it, and by `first_chunk` from a client
-message (`asked`) until the upstream's next message; `chunk_gap` bounds one-way streams.
+silence is bounded by `first_chunk` from a client message (`asked`) until the upstream's next
+message, by `chunk_gap` between the messages of an answer in progress (`answering`), and by
+`idle` otherwise; `chunk_gap` bounds one-way streams.
 
 `chunk_gap`, `slow_client`, `total` and `keepalive` are not a timeout object per await: the
 relay only stores when its current phase began (`since`) and whether it is reading from the
@@ -24,6 +25,7 @@ class StreamClock:
     __slots__ = (
         "reading",
         "asked",
+        "answering",
         "_idle",
         "_first_chunk",
         "since",
@@ -52,6 +54,9 @@ class StreamClock:
         self.reason: GatewayError | None = None
         self.asked = False
         """A session's client message awaits the upstream's next message (see `ask`)."""
+        self.answering = False
+        """A session's answer is in progress: its next message is due within `chunk_gap`
+        (set by the relay from the framing, on each upstream message)."""
         self._idle = idle
         self._first_chunk = route.timeouts.first_chunk
         self._chunk_gap = route.timeouts.chunk_gap
@@ -68,14 +73,28 @@ class StreamClock:
             self._handle.cancel()
             self._handle = None
 
+    def pause(self) -> None:
+        """Keep no time while a resume asks another backend (its try has its own bounds);
+        `fire` still ends the stream (shutdown)."""
+        self.stop()
+        self.reason = None
+
+    def restart(self) -> None:
+        """Keep time again, from now: a continuation is being relayed."""
+        now = self._loop.time()
+        self.reading, self.since, self._keepalive_after = True, now, now
+        self._arm()
+
     def ask(self) -> None:
         """A client message went upstream: its answer must begin within `first_chunk`. The
         relay clears `asked` on the upstream's next message."""
         if not self.asked:
-            self.asked, self.since = True, self._loop.time()
+            self.asked = True
+            if self.reading:  # while writing to the client, slow_client's phase goes on
+                self.since = self._loop.time()
 
     def _silence_limit(self) -> float:
-        if self._idle is None:
+        if self._idle is None or (self.answering and not self.asked):
             return self._chunk_gap
         return self._first_chunk if self.asked else self._idle
 
@@ -112,6 +131,9 @@ class StreamClock:
     def _silence(self, seconds: float) -> UpstreamTimeout:
         if self._idle is None:
             return UpstreamTimeout(f"upstream silent for {seconds:.1f}s", "chunk_gap_timeout")
+        if self.answering and not self.asked:
+            message = f"upstream silent for {seconds:.1f}s in the middle of an answer"
+            return UpstreamTimeout(message, "chunk_gap_timeout")
         if self.asked:
             message = f"no upstream answer within {seconds:.1f}s"
             return UpstreamTimeout(message, "first_chunk_timeout")

@@ -16,7 +16,14 @@ from gateway.config.routes import Route
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened, UpstreamResponse
 from gateway.engine.framing import Framing, choose
-from gateway.errors import GatewayError, UpstreamReset, UpstreamStatus
+from gateway.errors import (
+    GatewayError,
+    PoolExhausted,
+    UpstreamConnectError,
+    UpstreamReset,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 
 ERROR_BODY_LIMIT = 256 * 1024
 """An upstream error body larger than this is relayed as a stream, not inspected."""
@@ -62,6 +69,17 @@ class AttemptFailed(Exception):
     def reason(self) -> str:
         return self.conditions[0]
 
+    @property
+    def outcome(self) -> str:
+        """The `outcome` label of `streamgate_upstream_attempts_total`."""
+        if isinstance(self.error, PoolExhausted):
+            return "pool_exhausted"
+        if isinstance(self.error, UpstreamTimeout):
+            return "timeout"
+        if isinstance(self.error, UpstreamConnectError):
+            return "connect_error"
+        return "upstream_error"
+
 
 async def read_until_commit(
     ctx: RequestContext, route: Route, response: UpstreamResponse
@@ -71,11 +89,9 @@ async def read_until_commit(
     if status >= 400:
         body, complete = await _read_whole(response, ERROR_BODY_LIMIT)
         if complete:
-            raise _status_failure(status, headers, body)
+            raise _status_failure(status, headers, body, response.conditions)
         return Opened(status, headers, body, False, Framing(), response)
     framing = response.framing or choose(route.framing, headers, ctx.stream)
-    if framing.commits_on_open:
-        return Opened(status, headers, b"", False, framing, response)
     if framing.streams:
         head, complete = await _read_to_commit(response, framing, limit)
         has_content = not complete or framing.commits_at_end(head)
@@ -122,13 +138,16 @@ async def _read_to_commit(
     return held, False
 
 
-def _status_failure(status: int, headers, body: bytes) -> AttemptFailed:
+def _status_failure(
+    status: int, headers, body: bytes, names: tuple[str, ...]
+) -> AttemptFailed:
     codes = _error_codes(body)
     held = HeldResponse(status, headers, body)
-    err = UpstreamStatus(f"upstream answered {status}", status)
+    said = f"{names[0]} ({status})" if names else str(status)
+    err = UpstreamStatus(f"upstream answered {said}", status)
     return AttemptFailed(
         err,
-        (str(status), *codes),
+        (*names, str(status), *codes),
         held=held,
         retry_after=_retry_after(headers.get("retry-after")),
         ejects=status >= 500,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from gateway.config.routes import Route
+from gateway.engine import messages
 from gateway.observe.spans import RequestTrace
 from gateway.observe.tracing import NULL_TRACE, NullTrace
 
@@ -36,6 +37,8 @@ class RequestContext:
         "upstream",
         "endpoint",
         "attempts",
+        "tries",
+        "resumes",
         "status",
         "outcome",
         "error_kind",
@@ -46,6 +49,8 @@ class RequestContext:
         "deadline",
         "rate_remaining",
         "token_budget",
+        "token_cap",
+        "hide_usage",
         "usage",
         "abort",
         "trace",
@@ -53,6 +58,7 @@ class RequestContext:
         "upstream_protocol",
         "messages_in",
         "client_closed",
+        "session",
     )
 
     def __init__(
@@ -76,6 +82,11 @@ class RequestContext:
         """The upstream of the attempt that answered (or the last one tried)."""
         self.endpoint: str | None = None
         self.attempts = 0
+        self.tries: list = []
+        """Every request sent upstream, in order (`order.Try`: upstream, endpoint, why,
+        reason, result), for the access log."""
+        self.resumes = 0
+        """Times a broken stream was continued by another try."""
         self.status = 0
         """HTTP status the client got; 499 when it went away first."""
         self.outcome = "completed"
@@ -85,26 +96,43 @@ class RequestContext:
         self.bytes = 0
         self.buffered_chunks = 0
         self.deadline = float("inf")
-        """Event-loop time at which `timeouts.total` runs out."""
+        """Event-loop time at which `timeouts.total` (or the caller's own deadline, when its
+        protocol sends one and it is sooner) runs out."""
         self.rate_remaining: tuple[int, int] | None = None
         """(limit, remaining) of the tightest rate limit charged, for x-ratelimit-* headers."""
         self.token_budget: tuple[int, int, float] | None = None
         """(size, remaining, seconds until full) of the tightest token budget charged, for
         x-ratelimit-*-tokens headers."""
+        self.token_cap: int | None = None
+        """Completion tokens this stream may produce (the smallest `max_tokens_per_stream` of
+        the token budgets charged), or None."""
+        self.hide_usage = False
+        """The gateway asked the upstream for stream usage the client did not ask for: the
+        usage-only event is not relayed (`engine/usage_request.py`)."""
         self.usage: tuple[int, int] | None = None
         """(prompt, completion) tokens, where the upstream reported `usage`."""
         self.abort = None
         """Once committed: call with a GatewayError to end the stream visibly (shutdown)."""
         self.trace: RequestTrace | NullTrace = NULL_TRACE
+        """This request's spans; the shared no-op when tracing is off."""
         self.protocol = "http"
-        """The client's protocol: "http", or "websocket" for a session."""
+        """The client's protocol: "http", "websocket" for a session, "grpc" for a gRPC call."""
         self.upstream_protocol = "http"
-        """Which of its pool's protocol clients a try uses ("http", "websocket")."""
+        """Which of its pool's protocol clients a try uses ("http", "websocket", "grpc",
+        "grpc_bridge")."""
         self.messages_in = 0
         """Messages the client sent upstream during a two-way session."""
         self.client_closed: tuple[int, str] | None = None
         """A session's client closed it: (code, reason)."""
-        """This request's spans; the shared no-op when tracing is off."""
+        self.session = None
+        """A two-way session's client half (`duplex.ClientHalf`), shared by its tries and
+        its relay; None for a one-way request."""
+
+    def client_gone(self) -> None:
+        """The client went away: counted as 499 and `client_disconnect`, unless it was a
+        session's client that closed it on purpose first (the session is complete)."""
+        if not messages.closed_on_purpose(self.client_closed):
+            self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
 
     @property
     def route_name(self) -> str:

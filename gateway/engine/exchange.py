@@ -13,14 +13,23 @@ observation) is the engine's, and the same for every protocol.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Protocol
 
+from gateway.config.routes import Route
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.engine.framing import Framing
     from gateway.upstreams.endpoint import Endpoint
     from gateway.upstreams.pool import UpstreamPool
+
+
+ROUTE: ContextVar[Route] = ContextVar("route")
+"""The route of the request being served, set by the pipeline once routed (each request is
+its own task, so its own context). A protocol's client reads its route settings here (a
+WebSocket's `max_message_size`, `answer_end`) so that `UpstreamClient.send` is the same for
+every protocol."""
 
 
 class UpstreamResponse(Protocol):
@@ -44,6 +53,9 @@ class UpstreamResponse(Protocol):
     end, or False as soon as `on_data` answered True (hold: the upstream is paused and nothing
     more is handed over until the next call). It raises what `read` would, and whatever
     `on_data` raised."""
+    conditions: tuple[str, ...]
+    """An error answer's names in the protocol's own words, matched against `retry.on` /
+    `fallback_on` before the status code (gRPC: the status name, `UNAVAILABLE`); () for HTTP."""
 
     def release(self) -> None:
         """The whole body was read: the connection may serve another request."""
@@ -67,11 +79,14 @@ class UpstreamClient(Protocol):
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ) -> UpstreamResponse:
         """Send one request and read the response's head. Calls `on_sent(reused)` once the
         connection is ready and the request goes out (`reused`: on a kept-alive connection,
         which may have died while idle); raises `UpstreamConnectError` when no connection
-        could be made (`refused=True` when nothing listened)."""
+        could be made (`refused=True` when nothing listened). `deadline` (event-loop time)
+        is when the whole exchange must be over: a protocol that carries deadlines (gRPC)
+        sends the upstream what is left of it; the engine's own timers enforce it anyway."""
         ...
 
     def drop_idle(self, endpoint: Endpoint) -> None:
@@ -87,7 +102,10 @@ class UpstreamClient(Protocol):
 class Opened:
     """The upstream answer the client will get, with what was read of it before committing."""
 
-    __slots__ = ("status", "headers", "head", "complete", "framing", "response", "pool", "endpoint")
+    __slots__ = (
+        "status", "headers", "head", "complete", "framing", "response", "pool", "endpoint",
+        "tried",
+    )
 
     def __init__(
         self,
@@ -109,6 +127,8 @@ class Opened:
         self.response = response
         self.pool: UpstreamPool | None = None
         self.endpoint: Endpoint | None = None
+        self.tried = None
+        """The engine's record of the request that got this answer (`order.Try`)."""
 
     def finish(self, clean: bool) -> None:
         """Let go of the upstream: the connection is reused only after a whole body;
@@ -141,7 +161,15 @@ class Sink(Protocol):
     """For a two-way exchange, once committed: the client's next message envelope (its
     close as a CLOSE envelope), b"" once nothing more will come; None for HTTP."""
 
-    async def refuse(self, err: GatewayError) -> None: ...
+    async def open(self, headers: Mapping[str, str]) -> None:
+        """A two-way exchange only (`receive` set): a try's upstream accepted it (`headers`:
+        its acceptance). The first call connects the client before the commit point, so that
+        it can ask; a later try (a failover) must agree with what the client was given, or
+        raise a GatewayError (the condition fails that try)."""
+
+    async def refuse(self, err: GatewayError) -> None:
+        """Before the commit point: the error in the protocol's words (once connected by
+        `open`, a two-way client is closed with it)."""
 
     async def send_whole(self, opened: Opened) -> None: ...
 

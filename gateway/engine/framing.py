@@ -21,10 +21,12 @@ one stream, three questions:
 | raw     | whatever arrives    | first bytes                | abort                    |
 | unary   | the whole body      | a complete non-empty body  | abort                    |
 | truss   | a Truss Chains tag  | first ITEM frame           | abort; truncation aborts |
-| messages| a message envelope  | the upstream's acceptance  | a close envelope (1011)  |
+| messages| a message envelope  | the first message          | a close envelope (1011)  |
+| grpc    | a gRPC message      | the first message          | a trailers frame, not OK |
 
-`messages` is not a route's choice: a protocol whose upstream answers in messages (WebSocket)
-names it on its response (`UpstreamResponse.framing`), see `messages.py`.
+`messages` and `grpc` are not a route's choice: a protocol whose upstream answers in messages
+names its framing on its response (`UpstreamResponse.framing`): WebSocket `Messages` (see
+`messages.py`), gRPC `GrpcMessages` (in its adapter, `protocols/grpc/framing.py`).
 
 A route names its framing (`framing:`) or leaves it to `auto`, which picks by the response's
 content type and whether the request asked for a stream (`choose`).
@@ -36,6 +38,7 @@ from collections.abc import Mapping
 
 from gateway.config.routes import FramingConfig
 from gateway.engine import messages, sse, truss
+from gateway.engine.answer_end import EndTest
 from gateway.errors import GatewayError, UpstreamReset
 from gateway.observe import usage
 
@@ -50,10 +53,10 @@ class Framing:
     """A frame that says nothing, written after upstream silence (SSE comments)."""
     watches_usage = False
     """Whether frames may carry an OpenAI `usage` object to count tokens from."""
-    commits_on_open = False
-    """True when the upstream accepting the exchange is itself the commit point (a WebSocket
-    handshake): nothing is read before committing, since the client must be connected before
-    it can say what it wants answered."""
+    answering = False
+    """Whether, after the frames last cut, an answer is still in progress (a two-way session
+    whose route says which message ends an answer): `chunk_gap` bounds the next silence
+    rather than the session's `idle`."""
 
     __slots__ = ("frames",)
 
@@ -77,6 +80,11 @@ class Framing:
     def usage(self, frames: bytes) -> tuple[int, int] | None:
         """(prompt, completion) tokens from the frames that mentioned `usage`."""
         return None
+
+    def drop_usage_only(self, frames: bytes) -> tuple[bytes, int]:
+        """`frames` without those that carry nothing but usage (what an OpenAI stream adds
+        when asked for it), and how many were dropped."""
+        return frames, 0
 
     def ended(self, tail: bytes) -> GatewayError | None:
         """Judge the body's end, `tail` being bytes after the last complete frame (relayed
@@ -148,6 +156,9 @@ class Sse(Framing):
     def usage(self, frames: bytes) -> tuple[int, int] | None:
         return usage.from_sse(frames, self.sep)
 
+    def drop_usage_only(self, frames: bytes) -> tuple[bytes, int]:
+        return usage.drop_usage_only(frames, self.sep or sse.LF_SEPARATOR)
+
 
 class Truss(Framing):
     """Baseten Truss Chains typed streams: 5-byte tags (kind, big-endian length) + payload.
@@ -181,15 +192,25 @@ class Truss(Framing):
 
 
 class Messages(Framing):
-    """Message envelopes (`messages.py`): a frame is a message; a failure after the commit
-    point ends with a close envelope the client's protocol shows as an error close."""
+    """Message envelopes (`messages.py`): a frame is a message, and any message commits (the
+    client was connected before, so that it could ask). A failure after the commit point ends
+    with a close envelope the client's protocol shows as an error close. With `ends_answer`
+    (the route's `answer_end`), each data message says whether an answer is in progress."""
 
     name = "messages"
-    commits_on_open = True
-    __slots__ = ()
+    __slots__ = ("ends_answer", "answering")
+
+    def __init__(self, ends_answer: EndTest | None = None) -> None:
+        super().__init__()
+        self.ends_answer = ends_answer
+        self.answering = False
 
     def cut(self, data: bytes) -> int:
         end, self.frames = messages.scan(data)
+        if self.ends_answer is not None and end:
+            last = messages.last_data(data, end)
+            if last is not None:
+                self.answering = not self.ends_answer(last)
         return end
 
     def error_frame(self, err: GatewayError, request_id: str) -> bytes | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 
-from gateway.errors import GatewayError, Overloaded
+from gateway.errors import GatewayError, Overloaded, RateLimited
 
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 _HEAD = struct.Struct(">BI")
@@ -63,17 +63,42 @@ def split(data: bytes):
         at = start + length
 
 
+def closed_on_purpose(close: tuple[int, str] | None) -> bool:
+    """Whether a session's client ended it with a close of its own (normal, going away, or
+    an application's code): the session is complete, not a client gone. None: no close."""
+    if close is None:
+        return False
+    code = close[0]
+    return code in (NORMAL, GOING_AWAY) or 3000 <= code <= 4999
+
+
+def last_data(data: bytes, end: int) -> bytes | None:
+    """The payload of the last text or binary envelope in `data[:end]` (whole envelopes)."""
+    found = None
+    for kind, payload in split(data[:end]):
+        if kind != CLOSE:
+            found = payload
+    return found
+
+
+def error_code(err: GatewayError) -> int:
+    """How a session that fails once its client is connected ends: never a clean 1000.
+    Overload asks the client to come back later (1013); an idle session is going away
+    (1001); anything else is the server's error (1011)."""
+    if isinstance(err, Overloaded | RateLimited):
+        return TRY_AGAIN_LATER
+    if err.condition == "idle_timeout":
+        return GOING_AWAY
+    return INTERNAL_ERROR
+
+
+def error_reason(err: GatewayError) -> str:
+    return f"{err.condition}: {err.message}"
+
+
 def error_close(err: GatewayError) -> bytes:
-    """How a session that fails after its commit point ends: never a clean 1000. Overload
-    asks the client to come back later (1013); an idle session is going away (1001);
-    anything else is the server's error (1011). The reason says what happened."""
-    if isinstance(err, Overloaded):
-        code = TRY_AGAIN_LATER
-    elif err.condition == "idle_timeout":
-        code = GOING_AWAY
-    else:
-        code = INTERNAL_ERROR
-    return close_envelope(code, f"{err.condition}: {err.message}")
+    """The close envelope that ends a session failing after its commit point."""
+    return close_envelope(error_code(err), error_reason(err))
 
 
 def _clip(reason: str) -> bytes:

@@ -2,11 +2,15 @@
 
     read    the protocol reads the request (bounded) so retries can replay it
     route   first matching rule in file order (404)
-    admit   rate limits, then concurrency (429 / 503); held until the last byte is written
-            (a protocol that reads its request only after accepting the connection, as a
-            WebSocket bridge reads its first message, does it here: `Inbound.admitted`)
-    open    the upstream, retrying and falling back until the commit point (attempts.py)
-    relay   commit the status and headers, then stream with backpressure (relay.py)
+    admit   rate limits, token budgets, then concurrency (429 / 503); held until the last
+            byte is written (a protocol that reads its request only after accepting the
+            connection, as a WebSocket bridge reads its first message, does it here:
+            `Inbound.admitted`); a stream a budget charged asks the upstream for its usage
+            (`usage_request.py`), once, so every try sends the same body
+    open    the upstream, retrying, hedging and falling back until the commit point
+            (attempts.py)
+    relay   commit the status and headers, then stream with backpressure (relay.py); a
+            broken stream may be resumed through the same tries (resume.py)
 
 Errors before the commit point are handed to the protocol's sink here, and only here. A client
 that goes away cancels the task serving it, which unwinds every stage: its admission is
@@ -24,12 +28,14 @@ from typing import Protocol
 
 from gateway.config.model import ServerConfig
 from gateway.config.routes import Route
-from gateway.engine.attempts import open_stream
-from gateway.engine.context import CLIENT_CLOSED, RequestContext
-from gateway.engine.exchange import Sink
+from gateway.engine.attempts import Attempts
+from gateway.engine.context import RequestContext
+from gateway.engine.duplex import ClientHalf
+from gateway.engine.exchange import ROUTE, Sink
 from gateway.engine.relay import relay
-from gateway.engine.routing import RequestFacts
+from gateway.engine.routing import RequestFacts, upstream_protocol
 from gateway.engine.runtime import Runtime
+from gateway.engine.usage_request import ask_for_usage
 from gateway.errors import Draining, GatewayError, InternalError, NoRoute
 
 log = logging.getLogger("streamgate")
@@ -45,7 +51,7 @@ class Inbound(Protocol):
 
     async def read(self, server: ServerConfig) -> None:
         """Read the request (its target, headers and body, within `server`'s bounds) into
-        the context; set `route_path`."""
+        the context; set `route_path`, and `ctx.deadline` if the caller sent its own."""
 
     async def admitted(self, route: Route) -> None:
         """The request is admitted on `route`: read what could not be read before (a
@@ -81,27 +87,35 @@ class Proxy:
                 raise Draining("the gateway is shutting down")
             await inbound.read(runtime.config.server)
             route = _route(runtime, ctx, inbound)
-            ctx.deadline = ctx.started + route.timeouts.total
+            ROUTE.set(route)
+            # The caller's own deadline, where its protocol carries one, may be sooner.
+            ctx.deadline = min(ctx.deadline, ctx.started + route.timeouts.total)
             async with runtime.admission.admit(ctx, route, inbound.headers):
                 await inbound.admitted(route)
+                if ctx.token_budget is not None:  # a token budget charged it
+                    ask_for_usage(ctx)
                 headers = inbound.upstream_headers()
-                opened = await open_stream(ctx, route, runtime.pools, headers, runtime.metrics)
-                # Nothing is replayed from here on: a long stream does not keep its request.
-                ctx.body, ctx.json, headers = b"", None, None
+                if sink.receive is not None:  # a two-way session: its client half
+                    ctx.session = ClientHalf(sink, ctx, route.websocket.replay_buffer)
+                budget = runtime.hedge_budgets.get(route.name)
+                tries = Attempts(ctx, route, runtime.pools, headers, runtime.metrics, budget)
+                opened = await tries.open()
                 runtime.stream_started(ctx)
                 try:
-                    await relay(sink, ctx, opened, route, runtime.metrics)
+                    await relay(sink, ctx, opened, route, runtime.metrics, tries)
                 finally:
                     runtime.stream_ended(ctx)
         except GatewayError as err:
             ctx.status, ctx.outcome, ctx.error_kind = err.status, err.outcome, err.condition
             await sink.refuse(err)
         except asyncio.CancelledError:  # the client went away
-            ctx.status, ctx.outcome = CLIENT_CLOSED, "client_disconnect"
+            ctx.client_gone()
             raise
         except Exception as exc:  # the last line of defence: a bug of ours
             await _internal_error(ctx, exc, sink)
         finally:
+            if ctx.session is not None:  # a session whose tries all failed is still reading
+                await ctx.session.stop()
             ctx.trace.end(ctx)
             runtime.observe(ctx)
             runtime.leave()
@@ -138,9 +152,14 @@ async def _internal_error(ctx: RequestContext, exc: Exception, sink: Sink) -> No
 
 
 def _route(runtime: Runtime, ctx: RequestContext, inbound: Inbound) -> Route:
-    facts = RequestFacts(ctx.method, inbound.route_path, inbound.headers, ctx.model)
+    facts = RequestFacts(ctx.method, inbound.route_path, inbound.headers, ctx.model, ctx.protocol)
     route = runtime.router.match(facts)
     if route is None:
         raise NoRoute(f"no route matches {ctx.method} {inbound.route_path}")
     ctx.route = route
+    ctx.upstream_protocol = upstream_protocol(route)
+    if route.grpc is not None:  # a relay cannot tell a streaming call: its route says
+        ctx.stream = route.grpc.stream
+    elif route.websocket_upstream is not None or route.grpc_bridge is not None:
+        ctx.stream = True  # bridged to an event stream: charged as the stream it will be
     return route

@@ -30,6 +30,9 @@ class RequestFacts:
     headers: Mapping[str, str]
     """Case-insensitive lookups (aiohttp's CIMultiDictProxy, or lower-cased keys)."""
     model: str | None
+    protocol: str = "http"
+    """The listener's protocol: "grpc" for a call to `server.grpc_listen`, which only routes
+    with a `grpc` block take (and they take nothing else)."""
 
     @property
     def websocket(self) -> bool:
@@ -37,8 +40,23 @@ class RequestFacts:
         return self.headers.get("upgrade", "").lower() == "websocket"
 
 
+def upstream_protocol(route: Route) -> str:
+    """Which of its pools' protocol clients a route's tries use: "grpc" for gRPC calls,
+    "grpc_bridge" for an HTTP route served from a gRPC method, "websocket" for a WebSocket
+    passthrough or an HTTP route bridged to a WebSocket upstream, else "http" (a WebSocket
+    client bridged to SSE included)."""
+    if route.grpc is not None:
+        return "grpc"
+    if route.grpc_bridge is not None:
+        return "grpc_bridge"
+    ws = route.websocket
+    if route.websocket_upstream is not None or (ws is not None and ws.upstream == "websocket"):
+        return "websocket"
+    return "http"
+
+
 class CompiledRoute:
-    __slots__ = ("index", "route", "methods", "model_re", "headers", "websocket")
+    __slots__ = ("index", "route", "methods", "model_re", "headers", "websocket", "grpc", "grpc_re")
 
     def __init__(self, index: int, route: Route) -> None:
         m = route.match
@@ -48,10 +66,15 @@ class CompiledRoute:
         self.model_re = re.compile(fnmatch.translate(m.model)).match if m.model else None
         self.headers = tuple(m.headers.items())
         self.websocket = route.websocket is not None
+        self.grpc = route.grpc is not None
+        glob = route.grpc.method if self.grpc and route.grpc.method != "*" else None
+        self.grpc_re = re.compile(fnmatch.translate(glob)).match if glob else None
 
     def matches(self, facts: RequestFacts) -> bool:
         """Every field but the path (the index has checked that)."""
-        if self.websocket != facts.websocket:
+        if self.websocket != facts.websocket or self.grpc != (facts.protocol == "grpc"):
+            return False
+        if self.grpc_re is not None and self.grpc_re(facts.path) is None:
             return False
         if self.methods is not None and facts.method not in self.methods:
             return False
@@ -69,6 +92,12 @@ class CompiledRoute:
             return f"path {facts.path!r} is not {m.path!r}"
         if m.path_prefix is not None and not facts.path.startswith(m.path_prefix):
             return f"path {facts.path!r} does not start with {m.path_prefix!r}"
+        if self.grpc != (facts.protocol == "grpc"):
+            if self.grpc:
+                return "a gRPC route, and this is no gRPC call"
+            return "a gRPC call, and this route has no grpc block"
+        if self.grpc_re is not None and self.grpc_re(facts.path) is None:
+            return f"method {facts.path!r} does not match {self.route.grpc.method!r}"
         if self.websocket != facts.websocket:
             if self.websocket:
                 return "a WebSocket route, and this is no Upgrade: websocket request"

@@ -10,8 +10,9 @@ import asyncio
 import logging
 
 from gateway.admission.admit import Admission
-from gateway.config.model import GatewayConfig, HttpUpstream
+from gateway.config.model import GatewayConfig, WorkerPoolUpstream
 from gateway.engine.context import RequestContext
+from gateway.engine.hedge import HedgeBudget
 from gateway.engine.routing import Router
 from gateway.observe.access_log import AccessLog
 from gateway.observe.metrics import NO_NAME, Metrics
@@ -35,6 +36,10 @@ class Runtime:
     ) -> None:
         self.config = config
         self.router = Router(config.routes)
+        self.hedge_budgets = {
+            r.name: HedgeBudget(r.hedge.budget_percent) for r in config.routes if r.hedge
+        }
+        """Each hedging route's budget (hedge.py); a reload starts them afresh."""
         self.pools = pools
         self.metrics = metrics
         self.admission = admission
@@ -55,7 +60,7 @@ class Runtime:
         for checker in self.health_checkers:
             await checker.stop()
         for name, pool in self.pools.items():
-            if isinstance(self.config.upstreams[name], HttpUpstream):
+            if not isinstance(self.config.upstreams[name], WorkerPoolUpstream):
                 await pool.close()  # a worker pool's belongs to its supervisor
         # Together: each may wait its stop_grace for workers to exit.
         await asyncio.gather(*(s.stop() for s in self.supervisors.values()))
@@ -78,10 +83,12 @@ class Runtime:
     def stream_started(self, ctx: RequestContext) -> None:
         self.streams.add(ctx)
         self.metrics.active_streams.labels(ctx.route_name).inc()
+        self.metrics.sessions.opened(ctx)
 
     def stream_ended(self, ctx: RequestContext) -> None:
         self.streams.discard(ctx)
         self.metrics.active_streams.labels(ctx.route_name).dec()
+        self.metrics.sessions.closed(ctx)
 
     def observe(self, ctx: RequestContext) -> None:
         """Called once per request, however it ended: metrics and the access log line."""
@@ -89,6 +96,7 @@ class Runtime:
         m.requests.labels(route, upstream, str(ctx.status), "true" if ctx.stream else "false").inc()
         if ctx.outcome == "client_disconnect":
             m.client_disconnects.labels(route).inc()
+        m.sessions.observe(ctx, route)
         if ctx.first_chunk_at is not None:  # committed: it was a stream (or a whole answer)
             now = asyncio.get_running_loop().time()
             m.time_to_first_chunk.labels(route, upstream).observe(ctx.first_chunk_at - ctx.started)

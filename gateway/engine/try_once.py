@@ -37,8 +37,9 @@ async def try_once(
         condition = ("pool_exhausted",)
         raise AttemptFailed(exc, condition, retry_after=exc.retry_after, ejects=False) from None
     client = pool.clients[ctx.upstream_protocol]
+    session = ctx.session
     response = None
-    reused = False
+    reused = attached = asking = False
     try:
         # Until the connection is ready, connect and first_chunk share one bound; then the
         # request goes out and first_chunk counts from there.
@@ -51,17 +52,40 @@ async def try_once(
                 reused = on_reused_connection
                 scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
 
+            def asked() -> None:
+                nonlocal asking
+                if asking:  # a session's first message to this upstream: its answer is due
+                    asking = False
+                    scope.reschedule(min(loop.time() + t.first_chunk, ctx.deadline))
+
             response = await client.send(
-                ctx.method, endpoint.url + ctx.path, body, headers, t.connect, request_sent
+                ctx.method,
+                endpoint.url + ctx.path,
+                body,
+                headers,
+                t.connect,
+                request_sent,
+                deadline=ctx.deadline,
             )
+            if session is not None and response.send is not None:
+                # A session rests until asked: idle bounds the wait for its first message.
+                attached = asking = True
+                scope.reschedule(min(loop.time() + route.websocket.idle, ctx.deadline))
+                await session.attach(response, response.headers, asked)
             opened = await read_until_commit(ctx, route, response)
+            asking = False
     except BaseException as exc:
+        if attached:
+            session.detach()
         if response is not None:
             response.close()
         pool.release(endpoint)
-        timeout_condition = (
-            "total_timeout" if loop.time() >= ctx.deadline else "first_chunk_timeout"
-        )
+        if loop.time() >= ctx.deadline:
+            timeout_condition = "total_timeout"
+        elif attached and not session.asked:
+            timeout_condition = "idle_timeout"  # the client asked nothing: not a failure
+        else:
+            timeout_condition = "first_chunk_timeout"
         failed = _translate(exc, timeout_condition, pool.name, client.broken)
         if failed is None:
             raise
@@ -94,10 +118,15 @@ def _translate(
     if isinstance(exc, GatewayError):  # raised by the protocol's client (connect errors)
         return AttemptFailed(exc, (exc.condition,), free=getattr(exc, "refused", False))
     if isinstance(exc, TimeoutError):
-        what = "first chunk" if timeout_condition == "first_chunk_timeout" else "total time"
-        err = UpstreamTimeout(f"upstream {upstream!r} ran out of {what}", timeout_condition)
-        # The request's own total budget running out is not the endpoint's fault.
-        return AttemptFailed(err, (timeout_condition,), ejects=timeout_condition != "total_timeout")
+        if timeout_condition == "idle_timeout":
+            err = UpstreamTimeout("session idle: its client asked nothing", timeout_condition)
+        else:
+            what = "first chunk" if timeout_condition == "first_chunk_timeout" else "total time"
+            err = UpstreamTimeout(f"upstream {upstream!r} ran out of {what}", timeout_condition)
+        # The request's own total budget, or a client that asks nothing, is not the endpoint's
+        # fault.
+        ejects = timeout_condition == "first_chunk_timeout"
+        return AttemptFailed(err, (timeout_condition,), ejects=ejects)
     if isinstance(exc, broken):
         err = UpstreamReset(f"upstream {upstream!r} dropped the connection: {exc}")
         return AttemptFailed(err, ("reset",))

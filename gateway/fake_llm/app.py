@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import generate
+from . import generate, websocket
 from .faults import error_response
 from .generate import KNOBS, STATS
 from .knobs import Knobs
@@ -25,6 +25,8 @@ def build_app(knobs: Knobs, model: str = "fake-llm") -> web.Application:
     app[STATS] = Stats()
     app.router.add_post("/v1/chat/completions", generate.chat)
     app.router.add_post("/v1/completions", generate.text)
+    app.router.add_get("/v1/chat/completions", websocket.chat)  # Inferneo-style WebSocket
+    app.router.add_get("/v1/completions", websocket.text)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.router.add_get("/debug/env", _env)

@@ -124,6 +124,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="after N content tokens reset the connection (TCP RST)",
     )
+    add(
+        "--cut-after",
+        type=_non_negative(int),
+        metavar="N",
+        help="after N content tokens end the body cleanly, with no finish_reason and no [DONE]",
+    )
+    add(
+        "--prefill",
+        choices=("continue", "refuse"),
+        default="continue",
+        help="a chat request ending with an assistant message: continue that text (only the "
+        "rest of the answer is sent), or refuse it with a 400 (default: %(default)s)",
+    )
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="mixed into the token choice: workers with other seeds answer a request "
+        "differently (default: %(default)s)",
+    )
     return parser
 
 

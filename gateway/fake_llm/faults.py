@@ -40,10 +40,24 @@ def injected_failure(knobs: Knobs) -> web.Response:
     return error_response(status, message, code=knobs.error_code, headers=headers)
 
 
+def prefill_refused() -> web.Response:
+    """A backend that cannot continue a final assistant message says so with a 400."""
+    message = "fake-llm: the last message must not be the assistant's (no prefill)"
+    return error_response(400, message, code="prefill_unsupported")
+
+
 async def inject(
     fault: str, request: web.Request, response: web.StreamResponse | None, stats: Stats
 ) -> web.StreamResponse:
-    """A "stall" (silence until the client leaves) or a "reset" (a TCP RST)."""
+    """A "stall" (silence until the client leaves), a "cut" (a clean end, no finish and no
+    [DONE]: the body simply stops) or a "reset" (a TCP RST)."""
+    if fault == "cut":
+        stats.cuts_injected += 1
+        if response is not None and response.prepared and response.content_length is None:
+            await response.write_eof()
+        elif request.transport is not None:
+            request.transport.close()  # a unary body shorter than its Content-Length
+        return response or web.Response()
     if fault == "stall":
         stats.stalls_injected += 1
         await asyncio.Future()  # until the client leaves and the handler is cancelled

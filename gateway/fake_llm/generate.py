@@ -1,6 +1,6 @@
 """The completion endpoints: parse the request, then fail, stream or answer, as the knobs say.
 
-`_write_tokens` is the hot loop: one pre-encoded event per content token, each its own HTTP
+`write_tokens` is the hot loop: one pre-encoded event per content token, each its own HTTP
 chunk, with no per-chunk logging or bookkeeping.
 """
 
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from . import faults
-from .completion import CHAT, TEXT, Completion, Dialect
+from .completion import CHAT, TEXT, Completion, Dialect, prefill_of
 from .knobs import Knobs
 from .stats import Stats
 
@@ -35,17 +37,17 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
     """Parse, then fail, stream or answer at once, as the knobs say."""
     stats = request.app[STATS]
     try:
-        body = json.loads(await request.read())
-        if not isinstance(body, dict):
-            raise ValueError("request body must be a JSON object")
-        knobs = request.app[KNOBS].override(body.get("fake"))
+        body, knobs = parse_request(await request.read(), request.app[KNOBS])
     except ValueError as exc:  # json.JSONDecodeError included
         return faults.error_response(400, f"invalid request: {exc}")
     stats.completions_started += 1
     if knobs.fail_status:
         stats.failures_injected += 1
         return faults.injected_failure(knobs)
-    completion = Completion(dialect, body, knobs.tokens)
+    if knobs.prefill == "refuse" and dialect is CHAT and prefill_of(body) is not None:
+        stats.failures_injected += 1
+        return faults.prefill_refused()
+    completion = Completion(dialect, body, knobs.tokens, knobs.seed)
     respond = _stream if body.get("stream") is True else _unary
     stats.completions_active += 1
     try:
@@ -57,18 +59,27 @@ async def _complete(request: web.Request, dialect: Dialect) -> web.StreamRespons
         stats.completions_active -= 1
 
 
+def parse_request(data: bytes | str, knobs: Knobs) -> tuple[dict[str, Any], Knobs]:
+    """A request's JSON object and its knobs (the `"fake"` overrides applied); ValueError
+    says what is wrong with it."""
+    body = json.loads(data)
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    return body, knobs.override(body.get("fake"))
+
+
 async def _stream(
     request: web.Request, completion: Completion, knobs: Knobs, stats: Stats
 ) -> web.StreamResponse:
-    limit, fault = knobs.fault_point(len(completion.tokens))
-    events = completion.token_events()
+    events = completion.content_events()
+    limit, fault = knobs.fault_point(len(events))
     response = web.StreamResponse(headers=_SSE_HEADERS)
     await response.prepare(request)
     try:
         opening = completion.opening_event()
         if opening is not None:
             await response.write(opening)  # leaves with the headers, before the ttft wait
-        await _write_tokens(response, [events[t] for t in completion.tokens[:limit]], knobs)
+        await write_tokens(response.write, events[:limit], knobs)
         if fault is not None:
             return await faults.inject(fault, request, response, stats)
         for event in completion.closing_events():
@@ -81,15 +92,18 @@ async def _stream(
     return response
 
 
-async def _write_tokens(response: web.StreamResponse, events: list[bytes], knobs: Knobs) -> None:
-    """The hot loop: after `ttft`, one write per content token, paced by `tokens_per_s`."""
+async def write_tokens(
+    write: Callable[[bytes], Awaitable[Any]], events: list[bytes], knobs: Knobs
+) -> None:
+    """The hot loop: after `ttft`, one write per content token (an HTTP chunk, or a WebSocket
+    message), paced by `tokens_per_s`."""
     if knobs.ttft:
         await asyncio.sleep(knobs.ttft)
     if not knobs.tokens_per_s:
         for i, event in enumerate(events):
             if not i % _YIELD_EVERY:
                 await asyncio.sleep(0)
-            await response.write(event)
+            await write(event)
         return
     loop = asyncio.get_running_loop()
     start, interval = loop.time(), 1 / knobs.tokens_per_s
@@ -97,13 +111,13 @@ async def _write_tokens(response: web.StreamResponse, events: list[bytes], knobs
         delay = start + i * interval - loop.time()  # a schedule, so sleep overshoot never adds up
         if delay > 0:
             await asyncio.sleep(delay)
-        await response.write(event)
+        await write(event)
 
 
 async def _unary(
     request: web.Request, completion: Completion, knobs: Knobs, stats: Stats
 ) -> web.StreamResponse:
-    limit, fault = knobs.fault_point(len(completion.tokens))
+    limit, fault = knobs.fault_point(len(completion.tokens) + bool(completion.lead))
     generating_s = knobs.ttft + (limit / knobs.tokens_per_s if knobs.tokens_per_s else 0.0)
     if generating_s:
         await asyncio.sleep(generating_s)

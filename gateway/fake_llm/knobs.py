@@ -19,6 +19,9 @@ class Knobs:
     retry_after: int | None = None  # seconds, sent as `Retry-After` with a failure
     stall_after: int | None = None  # content tokens, then silence until the client leaves
     reset_after: int | None = None  # content tokens, then a TCP RST
+    cut_after: int | None = None  # content tokens, then a clean end: no finish, no [DONE]
+    prefill: str = "continue"  # a final assistant message: "continue" it, or "refuse" (400)
+    seed: int = 0  # mixed into the token choice: another seed, another answer to one request
 
     def override(self, fake: Any) -> Knobs:
         """These knobs with a request's `"fake"` object applied; ValueError names a bad key."""
@@ -41,8 +44,14 @@ class Knobs:
             limit, fault = self.stall_after, "stall"
         if self.reset_after is not None and self.reset_after < limit:
             limit, fault = self.reset_after, "reset"
+        if self.cut_after is not None and self.cut_after < limit:
+            limit, fault = self.cut_after, "cut"
         return limit, fault
 
+
+PREFILL_MODES = ("continue", "refuse")
+"""How a request whose last message is the assistant's (a prefill) is taken: "continue"
+streams only the rest of the answer it begins; "refuse" answers 400, as many backends do."""
 
 # Each check's docstring is the "expected ..." half of its error message.
 
@@ -62,6 +71,16 @@ def _is_optional_count(v: Any) -> bool:
     return v is None or is_count(v)
 
 
+def _is_prefill(v: Any) -> bool:
+    """expected 'continue' or 'refuse'"""
+    return v in PREFILL_MODES
+
+
+def _is_int(v: Any) -> bool:
+    """expected an integer"""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _is_optional_str(v: Any) -> bool:
     """expected a string or null"""
     return v is None or isinstance(v, str)
@@ -76,4 +95,7 @@ _OVERRIDES: dict[str, Callable[[Any], bool]] = {
     "retry_after": _is_optional_count,
     "stall_after": _is_optional_count,
     "reset_after": _is_optional_count,
+    "cut_after": _is_optional_count,
+    "prefill": _is_prefill,
+    "seed": _is_int,
 }

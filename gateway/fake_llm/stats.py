@@ -22,6 +22,8 @@ class Stats:
         "failures_injected",
         "stalls_injected",
         "resets_injected",
+        "ws_sessions",
+        "cuts_injected",
         "open_connections",
     )
 
@@ -37,6 +39,8 @@ class Stats:
         self.failures_injected = 0
         self.stalls_injected = 0
         self.resets_injected = 0
+        self.ws_sessions = 0  # WebSocket sessions accepted (each may carry many completions)
+        self.cuts_injected = 0
         self.open_connections: Callable[[], int] | None = None  # set by whoever runs the app
 
     def note_client_gone(self) -> None:

@@ -27,6 +27,12 @@ class AccessLog:
             "upstream": ctx.upstream,
             "endpoint": ctx.endpoint,
             "attempts": ctx.attempts,
+            "tries": [
+                {"upstream": t.upstream, "endpoint": t.url, "why": t.why, "reason": t.reason,
+                 "result": t.result}
+                for t in ctx.tries
+            ],
+            "resumes": ctx.resumes,
             "status": ctx.status,
             "stream": ctx.stream,
             "model": ctx.model,

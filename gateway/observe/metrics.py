@@ -22,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily
 from gateway.observe.budget_metrics import BudgetMetrics
 from gateway.observe.genai_metrics import GenAIMetrics
 from gateway.observe.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
+from gateway.observe.rescue_metrics import RescueMetrics
+from gateway.observe.session_metrics import SessionMetrics
 
 NO_NAME = "none"
 """The `route` or `upstream` label of a request refused before one was chosen (404, 413, 429,
@@ -181,6 +183,11 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        self.process_restarts = Counter(
+            "streamgate_process_restarts_total",
+            "Serving process restarts by the supervisor (server.workers above 1).",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "streamgate_config_reloads_total", "Config reloads by result.", ["result"], registry=r
         )
@@ -223,6 +230,8 @@ class Metrics:
             registry=r,
         )
         self.budgets = BudgetMetrics(r)
+        self.sessions = SessionMetrics(r)
+        self.rescue = RescueMetrics(r)
         r.register(StateCollector(runtime))
         self.genai = GenAIMetrics(r)
         """OTel GenAI names, observed only under `telemetry.genai_metrics: true`."""

@@ -19,6 +19,9 @@ class ObservedRequest(Protocol):
     stream: bool
     status: int
     attempts: int
+    tries: list[Any]
+    """Each request sent upstream: `upstream`, `url`, `why`, `reason`, `result`."""
+    resumes: int
     chunks: int
     bytes: int
     outcome: str
@@ -28,3 +31,7 @@ class ObservedRequest(Protocol):
     route: Any
     """The route config it matched (None before routing)."""
     usage: tuple[int, int] | None
+    protocol: str
+    """The client's: "http", or "websocket" for a session."""
+    messages_in: int
+    """Messages a session's client sent upstream."""

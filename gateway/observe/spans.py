@@ -43,6 +43,15 @@ class AttemptTrace:
         span.end()
         self.done = True
 
+    def abandoned(self, outcome: str) -> None:
+        """Ended by the gateway, not by a failure of its own: another try of the request won
+        the race to the first content (`hedge_lost`)."""
+        if self.done:
+            return
+        self.span.set_attribute("streamgate.outcome", outcome)
+        self.span.end()
+        self.done = True
+
     def close(self, ctx: ObservedRequest) -> None:
         """End with the request: the relay's verdict on an answered try, or how an unfinished
         one was abandoned (client gone, total timeout)."""
@@ -65,7 +74,7 @@ class AttemptTrace:
 class RequestTrace:
     """The server span of one request, and the parent of its attempts' spans."""
 
-    __slots__ = ("_tracer", "_span", "_as_parent", "_method", "_attempt", "_attempts")
+    __slots__ = ("_tracer", "_span", "_as_parent", "_method", "_open", "_attempts")
 
     def __init__(
         self, tracer: otel.Tracer, ctx: ObservedRequest, headers: Mapping[str, str]
@@ -83,7 +92,8 @@ class RequestTrace:
             },
         )
         self._as_parent = otel.set_span_in_context(self._span)
-        self._attempt: AttemptTrace | None = None
+        self._open: list[AttemptTrace] = []
+        """Attempts not ended yet: several while tries race (hedging)."""
         self._attempts = 0
 
     @property
@@ -91,36 +101,61 @@ class RequestTrace:
         return self._span
 
     def attempt(
-        self, upstream: str, endpoint: str, headers: MutableMapping[str, str]
+        self,
+        upstream: str,
+        endpoint: str,
+        headers: MutableMapping[str, str],
+        why: str = "first",
+        reason: str | None = None,
     ) -> AttemptTrace:
         """Start the span of the next try and write its `traceparent` into `headers`
-        (the headers that try sends; a client's own `traceparent` is replaced)."""
+        (the headers that try sends; a client's own `traceparent` is replaced). `why` is
+        first, retry, hedge, resume or splice; `reason` what led to it."""
         self._attempts += 1
+        attributes = {
+            "http.request.method": self._method,
+            "streamgate.upstream": upstream,
+            "streamgate.endpoint": endpoint,
+            "streamgate.attempt": self._attempts,
+            "streamgate.try": why,
+        }
+        if reason is not None:
+            attributes["streamgate.try_reason"] = reason
         span = self._tracer.start_span(
             f"{self._method} {upstream}",
             context=self._as_parent,
             kind=otel.SpanKind.CLIENT,
-            attributes={
-                "http.request.method": self._method,
-                "streamgate.upstream": upstream,
-                "streamgate.endpoint": endpoint,
-                "streamgate.attempt": self._attempts,
-            },
+            attributes=attributes,
         )
         _W3C.inject(headers, context=otel.set_span_in_context(span))
-        self._attempt = AttemptTrace(span)
-        return self._attempt
+        attempt = AttemptTrace(span)
+        self._open = [a for a in self._open if not a.done]
+        self._open.append(attempt)
+        return attempt
 
     def retry(self, reason: str) -> None:
         """The try just failed for `reason`, and another try (or a fallback) may follow."""
+        self._event("retry", reason)
+
+    def hedge(self, after: float) -> None:
+        """No content within `after` seconds: a hedge starts beside the running try."""
         self._span.add_event(
-            "retry", {"streamgate.reason": reason, "streamgate.attempt": self._attempts}
+            "hedge", {"streamgate.after_s": after, "streamgate.attempt": self._attempts}
+        )
+
+    def resume(self, reason: str) -> None:
+        """The committed stream broke for `reason`; a resume is asked for."""
+        self._event("resume", reason)
+
+    def _event(self, name: str, reason: str) -> None:
+        self._span.add_event(
+            name, {"streamgate.reason": reason, "streamgate.attempt": self._attempts}
         )
 
     def end(self, ctx: ObservedRequest) -> None:
         """End the request's span (and an attempt left open) from what `ctx` says."""
-        if self._attempt is not None:
-            self._attempt.close(ctx)
+        for attempt in self._open:
+            attempt.close(ctx)
         span = self._span
         if not span.is_recording():  # not sampled: nothing to describe
             span.end()

@@ -59,6 +59,9 @@ class NullAttempt:
     def failed(self, outcome: str, reason: str, status: int | None = None) -> None:
         pass
 
+    def abandoned(self, outcome: str) -> None:
+        pass
+
 
 class NullTrace:
     """The trace of a request when tracing is off: shared, stateless, every call empty."""
@@ -66,11 +69,22 @@ class NullTrace:
     __slots__ = ()
 
     def attempt(
-        self, upstream: str, endpoint: str, headers: MutableMapping[str, str]
+        self,
+        upstream: str,
+        endpoint: str,
+        headers: MutableMapping[str, str],
+        why: str = "first",
+        reason: str | None = None,
     ) -> NullAttempt:
         return NULL_ATTEMPT
 
     def retry(self, reason: str) -> None:
+        pass
+
+    def hedge(self, after: float) -> None:
+        pass
+
+    def resume(self, reason: str) -> None:
         pass
 
     def end(self, ctx: ObservedRequest) -> None:

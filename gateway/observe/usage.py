@@ -30,6 +30,30 @@ def from_sse(events: bytes, sep: bytes) -> tuple[int, int] | None:
     return None
 
 
+def drop_usage_only(events: bytes, sep: bytes) -> tuple[bytes, int]:
+    """`events` (SSE events) without the usage-only ones, the event include_usage adds at a
+    stream's end (`choices` empty, a `usage` object), and how many were dropped."""
+    parts = events.split(sep)
+    kept = [event for event in parts if not _usage_only(event)]
+    dropped = len(parts) - len(kept)
+    return (sep.join(kept), dropped) if dropped else (events, 0)
+
+
+def _usage_only(event: bytes) -> bool:
+    if b'"usage"' not in event:
+        return False
+    data = b"\n".join(line[5:] for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return False
+    return (
+        isinstance(payload, dict)
+        and payload.get("choices") == []
+        and isinstance(payload.get("usage"), dict)
+    )
+
+
 def _counts(payload: object) -> tuple[int, int] | None:
     if not isinstance(payload, dict):
         return None

@@ -111,3 +111,29 @@ def env_for(config: WorkerPoolUpstream, worker: Worker) -> dict[str, str]:
     if worker.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = worker.gpu
     return env
+
+
+def out_of_rotation(worker: Worker, now: float, ready_timeout: float) -> str | None:
+    """Why `worker` is out of rotation, as one status line (for /readyz); None when it serves."""
+    n = worker.failures
+    crashes = f"{n} crash{'es' if n != 1 else ''} in a row"
+    last = f"(last: {worker.last_failure})"
+    if worker.state == STARTING and n == 0:
+        waited = duration(now - worker.since)
+        problem = f"starting, not ready after {waited} (of {ready_timeout:g}s)"
+    elif worker.state == STARTING:
+        problem = f"starting again after {crashes} {last}"
+    elif worker.state == BACKOFF:
+        wait = duration(max(0.0, worker.next_try_at - now))
+        problem = f"restarting after {crashes}, next try in {wait} {last}"
+    elif worker.state == FAILING:
+        problem = f"out of rotation, {worker.probe_failures} failed health probes in a row"
+    elif worker.state == STOPPED:
+        problem = "stopped"
+    else:
+        return None
+    return f"{worker.label}: {problem}"
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"

@@ -67,17 +67,27 @@ def exit_reason(returncode: int) -> str:
 class WorkerProcess:
     """`spawn()` once, then `wait()` for its exit and `stop()` it (both may be awaited again)."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], label: str) -> None:
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], label: str, inherit_output: bool = False
+    ) -> None:
         self.argv = tuple(argv)
         self.env = dict(env)
         self.label = label
         """Prefix of every output line in the log, e.g. `local-gpu[1]`."""
+        self.inherit_output = inherit_output
+        """Write to the gateway's own stdout and stderr rather than through its log, line by
+        line (a serving process's access log must stay one JSON line per request)."""
         self.proc: asyncio.subprocess.Process | None = None
         self._output: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Spawned and not yet exited (as far as the event loop has seen)."""
+        return self.proc is not None and self.proc.returncode is None
 
     async def spawn(self) -> None:
         """Start the process; raises OSError when the command cannot be run."""
@@ -86,8 +96,8 @@ class WorkerProcess:
                 *self.argv,
                 env=self.env,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stdout=None if self.inherit_output else asyncio.subprocess.PIPE,
+                stderr=None if self.inherit_output else asyncio.subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()),
                 limit=OUTPUT_LINE_LIMIT,

@@ -44,7 +44,9 @@ from gateway.upstreams.worker import (
     Worker,
     argv_for,
     choose_port,
+    duration,
     env_for,
+    out_of_rotation,
 )
 from gateway.upstreams.worker_process import WorkerProcess, exit_reason
 
@@ -67,11 +69,20 @@ class WorkerSupervisor:
         config: WorkerPoolUpstream,
         metrics: Metrics,
         client: Callable[[UpstreamPool], Any],
+        *,
+        restarts: Any = None,
+        pin_ports: bool = False,
+        inherit_output: bool = False,
     ) -> None:
-        """`client` builds the protocol client the workers are reached with."""
+        """`client` builds the protocol client the workers are reached with. `restarts` is the
+        counter child restarts count in (default streamgate_worker_restarts_total{upstream});
+        `pin_ports` keeps each worker's first port for good (others were told its URL);
+        `inherit_output` has workers write to the gateway's stdout and stderr, not its log."""
         self.name = name
         self.config = config
         self._metrics = metrics
+        self._restarts = restarts or metrics.worker_restarts.labels(name)
+        self._pin_ports, self._inherit_output = pin_ports, inherit_output
         gpus = config.gpus if config.gpus is not None else (None,) * (config.count or 0)
         self.workers: list[Worker] = []
         for index, gpu in enumerate(gpus):
@@ -123,7 +134,8 @@ class WorkerSupervisor:
     def status(self) -> list[str]:
         """One line per worker out of rotation, saying why (for /readyz); empty when all serve."""
         now = time.monotonic()
-        return [problem for w in self.workers if (problem := self._problem(w, now))]
+        timeout = self.config.ready.timeout
+        return [problem for w in self.workers if (problem := out_of_rotation(w, now, timeout))]
 
     # ----------------------------------------------------------------- one worker's loop
 
@@ -142,10 +154,11 @@ class WorkerSupervisor:
     async def _run_once(self, worker: Worker) -> str:
         """Spawn the worker and watch it until it fails; returns why it failed."""
         others = {w.port for w in self.workers if w is not worker}
-        worker.port = choose_port(self.config, worker.index, worker.port, others)
+        if not self._pin_ports:
+            worker.port = choose_port(self.config, worker.index, worker.port, others)
         worker.endpoint.url = self._url(worker.port)
         argv, env = argv_for(self.config, worker), env_for(self.config, worker)
-        worker.process = WorkerProcess(argv, env, worker.label)
+        worker.process = WorkerProcess(argv, env, worker.label, self._inherit_output)
         worker.ready_at = None
         worker.enter(STARTING)
         try:
@@ -236,45 +249,21 @@ class WorkerSupervisor:
         delay = min(restart.backoff * 2 ** min(worker.failures - 1, 30), ceiling)
         worker.enter(BACKOFF)
         worker.last_failure, worker.next_try_at = failure, now + delay
-        self._metrics.worker_restarts.labels(self.name).inc()
+        self._restarts.inc()
         loop_note = " (crash loop)" if worker.failures >= CRASH_LOOP_AFTER else ""
         log.log(
             logging.ERROR if loop_note else logging.WARNING,
             "%s: %s; restarting in %s, failure %d in a row%s",
             worker.label,
             failure,
-            _duration(delay),
+            duration(delay),
             worker.failures,
             loop_note,
         )
         return delay
-
-    def _problem(self, worker: Worker, now: float) -> str | None:
-        n = worker.failures
-        crashes = f"{n} crash{'es' if n != 1 else ''} in a row"
-        last = f"(last: {worker.last_failure})"
-        if worker.state == STARTING and n == 0:
-            waited, timeout = _duration(now - worker.since), self.config.ready.timeout
-            problem = f"starting, not ready after {waited} (of {timeout:g}s)"
-        elif worker.state == STARTING:
-            problem = f"starting again after {crashes} {last}"
-        elif worker.state == BACKOFF:
-            wait = _duration(max(0.0, worker.next_try_at - now))
-            problem = f"restarting after {crashes}, next try in {wait} {last}"
-        elif worker.state == FAILING:
-            problem = f"out of rotation, {worker.probe_failures} failed health probes in a row"
-        elif worker.state == STOPPED:
-            problem = "stopped"
-        else:
-            return None
-        return f"{worker.label}: {problem}"
 
     # ----------------------------------------------------------------- what a worker runs
 
     def _url(self, port: int) -> str:
         host = self.config.host
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"

@@ -3,7 +3,18 @@
 
 from __future__ import annotations
 
-from . import ceiling, chaos, cpu_per_chunk, disconnect, memory, routing, stream_rate, ttfc
+from . import (
+    ceiling,
+    chaos,
+    cpu_per_chunk,
+    disconnect,
+    grpc,
+    memory,
+    routing,
+    stream_rate,
+    ttfc,
+    websocket,
+)
 
 SCENARIOS = {m.KEY: m for m in (ceiling, ttfc, cpu_per_chunk, stream_rate, memory, disconnect,
-                                routing, chaos)}
+                                routing, chaos, websocket, grpc)}

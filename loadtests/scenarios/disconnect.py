@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -43,7 +44,7 @@ async def run(bench: Bench) -> ScenarioResult:
                 found, lost = [], 0
                 async with Progress(f"disconnects → {target.name}", tries, "tries") as progress:
                     for _ in range(tries):
-                        latency = await _try(target, upstream, session)
+                        latency = await disconnect_once(target, upstream, session)
                         if latency is None:
                             lost += 1
                         else:
@@ -69,23 +70,27 @@ async def run(bench: Bench) -> ScenarioResult:
     return result
 
 
-async def _try(target: Target, upstream: Upstream, session: aiohttp.ClientSession):
+HangUp = Callable[[Target, Callable[[], Awaitable[dict]]], Awaitable[tuple[float, int]]]
+"""Open a paced stream through a target, wait for content, note fake-llm's `client_gone`
+count (asked with the callable), close the client socket at once: (the close's monotonic
+time, the count before it)."""
+
+
+async def disconnect_once(
+    target: Target,
+    upstream: Upstream,
+    session: aiohttp.ClientSession,
+    hang_up: HangUp | None = None,
+) -> float | None:
+    """One try: seconds from the client's close to fake-llm seeing its client go (None when
+    it did not within the bound). SSE unless `hang_up` says how to open and close."""
     stats_url = upstream.url + "/debug/stats"
 
     async def stats() -> dict:
         async with session.get(stats_url) as response:
             return await response.json()
 
-    conn = await client.connect(target.host, target.port, client.Tally())
-    try:
-        conn.start(client.chat_request(target.host, target.port, PACED), notify_first=True)
-        await asyncio.wait_for(conn.first_content(), 10)
-        await asyncio.sleep(0.03)  # mid-stream, not at the first chunk
-        before = (await stats())["client_gone"]
-        closed_at = conn.close_now()
-    finally:
-        if conn.transport is not None:
-            conn.transport.close()
+    closed_at, before = await (hang_up or _sse_hang_up)(target, stats)
     # fake-llm notes the time itself, so there is no hurry to ask: polling at once would only
     # compete with it for the core it shares with this client.
     await asyncio.sleep(0.05)
@@ -95,6 +100,19 @@ async def _try(target: Target, upstream: Upstream, session: aiohttp.ClientSessio
             return now["last_client_gone_monotonic"] - closed_at
         await asyncio.sleep(0.02)
     return None
+
+
+async def _sse_hang_up(target: Target, stats) -> tuple[float, int]:
+    conn = await client.connect(target.host, target.port, client.Tally())
+    try:
+        conn.start(client.chat_request(target.host, target.port, PACED), notify_first=True)
+        await asyncio.wait_for(conn.first_content(), 10)
+        await asyncio.sleep(0.03)  # mid-stream, not at the first chunk
+        before = (await stats())["client_gone"]
+        return conn.close_now(), before
+    finally:
+        if conn.transport is not None:
+            conn.transport.close()
 
 
 def _ms(seconds: float | None) -> float | None:

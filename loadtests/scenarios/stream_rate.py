@@ -4,6 +4,11 @@ wrk (compiled, on the load core) keeps N connections busy with 16-token streams 
 fake-llm sends as fast as it can. fake-llm shares the load core with wrk, so the direct
 figure is the upstream's own ceiling; the proxy's CPU per stream is the figure that does
 not depend on it.
+
+Then the same with `streamgate serve --workers 2` (a supervisor and two serving processes
+on one port, free to run on every core): what a second process gives on this machine. On
+two cores it shares the load core with wrk and fake-llm, so it shows the scaling this box
+allows, not the scaling of a machine with a core per process.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ async def run(bench: Bench) -> ScenarioResult:
     async with bench.processes():
         upstream = await bench.upstream()
         targets = await bench.targets(upstream)
+        two = await bench.gateway(upstream, name=TWO, workers=2)
         for connections in s.rate_levels:
             rates, cpu, p99, busy, beside = {}, {}, {}, {}, {}
             for target in targets:
@@ -50,7 +56,41 @@ async def run(bench: Bench) -> ScenarioResult:
             result.add(Row(f"stream duration p99, {connections} concurrent", "ms", p99))
             result.add(Row(f"proxy busy, {connections} concurrent", "% of a core", busy))
             core_rows(result, f", {connections} concurrent", beside)
+            usage = await _usage(bench, two, connections, fake)
+            _two_processes(result, f"{connections} concurrent", usage, rates)
     return result
+
+
+TWO = "gateway ×2"
+"""The `--workers 2` variant, in the report's `other` column."""
+
+
+async def _usage(bench, target, connections, fake) -> tuple[float, float, float]:
+    """(streams/s, CPU µs per stream, % of a core) of `target`'s whole process tree."""
+    before = Usage.of(target.pid)
+    done, seconds, _ = await _drive(bench, target, connections, fake)
+    after = Usage.of(target.pid)
+    used, wall = after.cpu_s - before.cpu_s, after.at - before.at
+    return done / seconds, used / max(done, 1) * 1e6, 100 * used / wall
+
+
+def _two_processes(result: ScenarioResult, c: str, usage: tuple[float, float, float],
+                   rates: dict[str, float]) -> None:
+    rate, cpu, busy = usage
+    one = rates.get("gateway")
+    result.add(Row(f"streams/s, {c}, --workers 2", "streams/s", {TWO: rate},
+                   ratio=ratio(rate, one), ratio_of="1 process", headline=True))
+    result.add(Row(f"proxy CPU per stream, {c}, --workers 2", "µs", {TWO: cpu}))
+    result.add(Row(f"proxy busy, {c}, --workers 2", "% of a core", {TWO: busy}))
+    against = [(n, rates.get(n)) for n in ("direct", "nginx")]
+    result.notes.append(
+        f"{c}: 1 process {_times(one, against)}; 2 processes {_times(rate, against)}"
+    )
+
+
+def _times(value: float | None, against: list[tuple[str, float | None]]) -> str:
+    shown = [f"{r:.2f}× {n}" for n, b in against if (r := ratio(value, b)) is not None]
+    return ", ".join(shown) or "—"
 
 
 def core_rows(result: ScenarioResult, suffix: str, beside: dict[str, dict[str, float]]) -> None:

@@ -39,5 +39,13 @@ DOCUMENTED_ADDITIONS = frozenset(
         "streamgate_token_budget_reserved_tokens_total",
         "streamgate_token_budget_settled_tokens_total",
         "streamgate_token_budget_refused_total",
+        "streamgate_active_websocket_sessions",
+        "streamgate_websocket_sessions_total",
+        "streamgate_websocket_messages_total",
+        "streamgate_hedges_started_total",
+        "streamgate_hedges_won_total",
+        "streamgate_hedges_over_budget_total",
+        "streamgate_resumes_total",
+        "streamgate_process_restarts_total",
     }
 )

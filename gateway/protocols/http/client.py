@@ -37,6 +37,7 @@ class HttpResponse:
     framing = None  # the route's framing decides
     send = None  # request/response: nothing goes upstream once the request is sent
     stream = None  # the engine pulls with `read`
+    conditions = ()  # an error is judged by its status and JSON error body
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.status = response.status
@@ -92,6 +93,7 @@ class HttpClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ):
         if url.startswith("http://"):
             return await self.plain.send(method, url, body, headers, connect_timeout, on_sent)

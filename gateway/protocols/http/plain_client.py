@@ -56,6 +56,7 @@ class PlainResponse:
     __slots__ = ("status", "headers", "read", "stream", "_conn", "_client", "_origin")
     framing = None  # the route's framing decides
     send = None  # request/response: nothing goes upstream once the request is sent
+    conditions = ()  # an error is judged by its status and JSON error body
 
     def __init__(self, conn: UpstreamConnection, client: PlainClient, origin: Origin) -> None:
         self.status = conn.status
@@ -107,6 +108,7 @@ class PlainClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ) -> PlainResponse:
         origin, target = self.origin(url)
         request = self._request(method, target, origin, headers, body)

@@ -22,6 +22,7 @@ from gateway.engine.context import RequestContext, request_id_from
 from gateway.engine.pipeline import Proxy
 from gateway.engine.sse import loads_json
 from gateway.errors import BadRequest, HeadersTooLarge, RequestTimeout, RequestTooLarge
+from gateway.protocols.grpc.bridge import enter_bridge
 from gateway.protocols.http.headers import upstream_request_headers
 from gateway.protocols.http.sink import HttpSink
 from gateway.protocols.http.target import parse_target
@@ -96,7 +97,9 @@ class HttpInbound:
             ctx.stream = True
 
     async def admitted(self, route) -> None:
-        """Everything was read before routing."""
+        """Everything was read before routing; a bridge route's tries call its gRPC method."""
+        if route.grpc_bridge is not None:
+            enter_bridge(self.ctx, route)
 
     def upstream_headers(self):
         request, ctx = self.request, self.ctx

@@ -2,29 +2,43 @@
 
 A handshake is an exchange like any other for the engine: a connect failure is
 `UpstreamConnectError`, an answer other than 101 is that status (an error body is not read:
-aiohttp does not keep it), and a dropped connection is `reset`. After the 101 the response is
-read as message envelopes (`engine/messages.py`), and `send` carries the client's envelopes
-the other way.
+aiohttp does not keep it), and a dropped connection is `reset`. After the 101 a session's
+response (`WsResponse`) is read as message envelopes (`engine/messages.py`), and `send` carries
+the client's envelopes the other way.
+
+An HTTP route bridged to a WebSocket upstream (`websocket_upstream`) gets `SseOverWs` instead:
+the request body goes out as the first text message, and from then on each upstream message is
+read as one SSE event `data: <message>` (a message with line breaks is one event of several
+`data:` lines, which SSE joins back), so the engine's SSE framing does the rest as for any SSE
+upstream: it commits on the first event with content (an OpenAI role-only delta does not),
+counts events, keeps `chunk_gap`, and shows a failure after the commit point as `event:
+error`. The end message (`answer_end`) is relayed too and ends the body cleanly, after `data:
+[DONE]` when `done_event` is set; so does a 1000 close. Any other close, a lost connection or
+an oversized message is a cut: before the first event with content a `reset` (retried), after
+it an `event: error`.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.config.routes import WebSocketUpstream
 from gateway.engine import messages
-from gateway.engine.framing import Messages
+from gateway.engine.answer_end import end_test
+from gateway.engine.exchange import ROUTE
+from gateway.engine.framing import Messages, Sse
 from gateway.errors import UpstreamConnectError
 from gateway.protocols.http.client import REQUEST_SENT, HttpClient
 
-MAX_MESSAGE: ContextVar[int] = ContextVar("max_message", default=1 << 20)
-"""The route's `websocket.max_message_size`, set by the session's handler before its tries."""
-
+_REQUEST_BODY = frozenset({"content-length", "content-type", "transfer-encoding", "expect"})
+"""A bridged request's body headers: its body goes as a message, not on the upgrade request."""
+DONE_EVENT = b"data: [DONE]\n\n"
+_SSE_HEADERS = CIMultiDictProxy(CIMultiDict({"Content-Type": "text/event-stream"}))
 _UNSENDABLE = {1005: messages.NORMAL, 1006: messages.GOING_AWAY, 1015: messages.GOING_AWAY}
 """Close codes that describe a close but may not be sent in one (RFC 6455 7.4.1)."""
 
@@ -54,10 +68,15 @@ class WsClient:
         headers: Mapping[str, str],
         connect_timeout: float,
         on_sent: Callable[[bool], None],
+        deadline: float = float("inf"),
     ):
-        pool = self.http.pool
+        pool, route = self.http.pool, ROUTE.get()
+        bridge = route.websocket is None  # an HTTP client: the answer is read as SSE
+        config = route.websocket_upstream if bridge else route.websocket
         forward = CIMultiDict(
-            (k, v) for k, v in headers.items() if not k.lower().startswith("sec-websocket-")
+            (k, v)
+            for k, v in headers.items()
+            if not k.lower().startswith("sec-websocket-") and k.lower() not in _REQUEST_BODY
         )
         for name, value in pool.headers:
             forward[name] = value
@@ -70,9 +89,9 @@ class WsClient:
                 protocols=protocols,
                 headers=forward,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=connect_timeout),
-                autoclose=False,  # a close is answered once both sides have been told
+                autoclose=bridge,  # a session's close is answered once both sides know
                 autoping=True,  # pings are answered per hop
-                max_msg_size=MAX_MESSAGE.get(),
+                max_msg_size=config.max_message_size,
                 compress=0,  # messages are relayed as they come, never recompressed
             )
         except aiohttp.WSServerHandshakeError as exc:
@@ -85,7 +104,15 @@ class WsClient:
             raise UpstreamConnectError(message, refused=refused) from exc
         finally:
             REQUEST_SENT.reset(sent)
-        return WsResponse(ws)
+        if bridge:
+            response = SseOverWs(ws, config)
+            try:
+                await ws.send_frame(body, aiohttp.WSMsgType.TEXT)  # the request: one message
+            except BaseException:
+                response.close()
+                raise
+            return response
+        return WsResponse(ws, Messages(end_test(config.answer_end)))
 
 
 class _Refused:
@@ -94,6 +121,7 @@ class _Refused:
     framing = None
     send = None
     stream = None
+    conditions = ()
 
     def __init__(self, status: int, headers) -> None:
         self.status, self.headers = status, headers
@@ -113,12 +141,13 @@ class WsResponse:
 
     status = 101
     stream = None  # pulled: one message envelope per read
+    conditions = ()
     __slots__ = ("ws", "headers", "framing", "_ended", "_we_closed")
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, framing: Messages) -> None:
         self.ws = ws
         self.headers = ws._response.headers  # the handshake's: the subprotocol chosen
-        self.framing = Messages()
+        self.framing = framing
         self._ended = False
         self._we_closed = False
 
@@ -167,3 +196,52 @@ class WsResponse:
         # upstream sees the session end at once.
         self.ws._response.close()
         self.ws._writer.transport.close()
+
+
+class SseOverWs:
+    """An open upstream WebSocket read as an SSE body (see the module's docstring)."""
+
+    status = 200
+    headers = _SSE_HEADERS
+    send = None  # one request, one answer: nothing more goes upstream
+    stream = None  # pulled: one answer message per read
+    __slots__ = ("ws", "framing", "_ends", "_done", "_ended")
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, config: WebSocketUpstream) -> None:
+        self.ws = ws
+        self.framing = Sse()
+        self._ends = end_test(config.answer_end)
+        self._done = DONE_EVENT if config.done_event else b""
+        self._ended = False
+
+    async def read(self) -> bytes:
+        if self._ended:
+            if not self.ws.closed:  # after the end message: a clean close, then the end
+                await self.ws.close()
+            return b""
+        msg = await self.ws.receive()
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            payload = msg.data.encode()
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            payload = msg.data
+        else:
+            return self._closed(msg)
+        ended = self._ended = self._ends(payload)
+        if b"\n" in payload or b"\r" in payload:
+            payload = b"\ndata: ".join(payload.splitlines())
+        event = b"data: " + payload + b"\n\n"
+        return event + self._done if ended else event
+
+    def _closed(self, msg: aiohttp.WSMessage) -> bytes:
+        self._ended = True
+        if msg.type is aiohttp.WSMsgType.CLOSE and msg.data == messages.NORMAL:
+            return self._done  # the upstream's own clean end
+        if msg.type is aiohttp.WSMsgType.CLOSE:
+            what = f"closed the WebSocket with {msg.data} {msg.extra or ''}".rstrip()
+        else:
+            what = f"lost the WebSocket ({msg.data or msg.type.name})"
+        # Never a clean end: the engine reads this as a cut (a reset before the commit point).
+        raise aiohttp.ServerDisconnectedError(f"upstream {what} before its end message")
+
+    release = WsResponse.release
+    close = WsResponse.close

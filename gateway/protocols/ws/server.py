@@ -22,7 +22,6 @@ from gateway.errors import BadRequest, RequestTimeout
 from gateway.protocols.http.headers import upstream_request_headers
 from gateway.protocols.http.server import request_context
 from gateway.protocols.http.target import parse_target
-from gateway.protocols.ws.client import MAX_MESSAGE
 from gateway.protocols.ws.sink import WsSink
 
 
@@ -64,10 +63,8 @@ class WsInbound:
 
     async def admitted(self, route: Route) -> None:
         config = self.sink.config = route.websocket
-        MAX_MESSAGE.set(config.max_message_size)  # read by this task's tries
         if config.upstream == "websocket":
-            self.ctx.upstream_protocol = "websocket"
-            return
+            return  # the client is upgraded once an upstream has accepted the session
         await self.sink.accept()
         await self._read_first_message()
 

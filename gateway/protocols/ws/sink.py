@@ -1,8 +1,8 @@
 """The client side of one WebSocket session: the engine's `Sink` over an aiohttp
 WebSocketResponse.
 
-Passthrough (`websocket.upstream: websocket`): the client is upgraded at the commit point, the
-upstream's handshake in hand, so the subprotocol it chose is the one the client gets; frames
+Passthrough (`websocket.upstream: websocket`): the client is upgraded when the first try's
+upstream accepts (`open`), so the subprotocol it chose is the one the client gets; frames
 are message envelopes, written as WebSocket frames straight to the transport (whose buffer is
 the engine's bounded buffer); the upstream's close is carried across. Bridge (`sse`): the
 client was upgraded once admitted (it must be, to send its request), frames are SSE events,
@@ -23,7 +23,7 @@ from gateway.config.routes import WebSocketConfig
 from gateway.engine import messages
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
-from gateway.errors import GatewayError, Overloaded, RateLimited
+from gateway.errors import GatewayError, UpstreamReset
 from gateway.protocols.http.errors import error_response
 from gateway.protocols.http.headers import add_rate_limit_headers
 from gateway.protocols.ws import frames
@@ -77,15 +77,23 @@ class WsSink:
         self.closing = lambda: transport.is_closing() or ws.closed
         self.write = self._write_events if self.bridge else self._write_messages
 
+    async def open(self, headers) -> None:
+        """A passthrough try's upstream accepted: the first upgrades the client with the
+        subprotocol it chose; a later one (replaying the session) must have chosen the same."""
+        chosen = headers.get("sec-websocket-protocol")
+        if self.ws is None:
+            await self.accept(chosen)
+        elif chosen != self.ws.ws_protocol:
+            had = self.ws.ws_protocol
+            raise UpstreamReset(f"the upstream chose subprotocol {chosen!r}, the session {had!r}")
+
     async def refuse(self, err: GatewayError) -> None:
         if self.ws is None:
             response = error_response(err, self.ctx.request_id)
             add_rate_limit_headers(response.headers, self.ctx.rate_remaining)
             self.response = response
             return
-        limited = isinstance(err, Overloaded | RateLimited)
-        code = messages.TRY_AGAIN_LATER if limited else messages.INTERNAL_ERROR
-        await self._end(code, f"{err.condition}: {err.message}")
+        await self._end(messages.error_code(err), messages.error_reason(err))
 
     async def send_whole(self, opened: Opened) -> None:
         if self.ws is None:  # a refused handshake, relayed as the upstream answered

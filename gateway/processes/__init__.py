@@ -1,0 +1,1 @@
+"""`streamgate serve`: one gateway, or a supervisor of `server.workers` serving processes."""

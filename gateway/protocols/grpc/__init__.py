@@ -1,0 +1,1 @@
+"""The gRPC adapter: a gRPC listener, gRPC upstreams, and an HTTP bridge to gRPC methods."""
