@@ -71,11 +71,11 @@ class _Pump:
     """Moves one committed body from the upstream to the sink.
 
     Only whole frames are written (the framing's `cut`), so an error frame never lands inside
-    another. Each chunk goes through one synchronous step (`_feeder`), pushed by the upstream's
-    protocol where it can (`UpstreamResponse.stream`: no await per chunk at all), else pulled
-    with one await per read. Writes never wait unless the sink holds more than the route's
-    buffer (`_hold_back`), and the clock's phase only changes in that slow path. With a
-    resumer, each batch of whole frames also passes through it.
+    another. Each batch of body bytes goes through one synchronous step (`chunk_step.py`),
+    pushed by the upstream's protocol where it can (`UpstreamResponse.stream`: no await per
+    chunk at all), else pulled with one await per read. Writes never wait unless the sink
+    holds more than the route's buffer (`_hold_back`), and the clock's phase only changes in
+    that slow path. With a resumer, each batch of whole frames also passes through it.
     """
 
     __slots__ = (

@@ -19,7 +19,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.errors import UpstreamConnectError
-from gateway.protocols.http.plain_client import PlainClient
+from gateway.protocols.http.plain_client import PlainClient, PlainResponse
 from gateway.upstreams.endpoint import Endpoint
 from gateway.upstreams.pool import UpstreamPool
 
@@ -94,7 +94,7 @@ class HttpClient:
         connect_timeout: float,
         on_sent: Callable[[bool], None],
         deadline: float = float("inf"),
-    ):
+    ) -> HttpResponse | PlainResponse:
         if url.startswith("http://"):
             return await self.plain.send(method, url, body, headers, connect_timeout, on_sent)
         pool = self.pool
