@@ -6,14 +6,14 @@ answer (the commit point has been reached, or a complete answer is ready to rela
 the `GatewayError` the client should get. Where each try goes, and what a failure leads to, is
 the route's order (`order.py`).
 
-Tries run as tasks, one after another, or side by side when the route hedges (`hedge:`): when
-the newest try has sent no content for `hedge.after`, the next try in order starts beside it
-(a fresh endpoint, else the next fallback), within `hedge.max_extra` per request and the
-route's `HedgeBudget`. The first try to reach its commit point wins; every other one is
-cancelled at once, which closes its connection (never returned to the pool) and frees its
-connection slot. While tries run side by side, a failed one only leaves its answer behind, as
-the others are its retry; when the last one fails, the policy decides as it would for a lone
-try (and an answer no policy lists, left by any of them, is final).
+Tries run one after another (in the request's own task while nothing may start beside them), or
+side by side as tasks when the route hedges (`hedge:`): when the newest try has sent no content
+for `hedge.after`, the next try in order starts beside it (a fresh endpoint, else the next
+fallback), within `hedge.max_extra` per request and the route's `HedgeBudget`. The first try to
+reach its commit point wins; every other one is cancelled at once, which closes its connection
+(never returned to the pool) and frees its connection slot. While tries run side by side, a
+failed one only leaves its answer behind, as the others are its retry; when the last one fails,
+the policy decides as for a lone try (and an answer no policy lists, left by any, is final).
 
 After the commit point the same loop serves a resume (`Attempts.resume`, see resume.py): the
 relay asks it for a fresh try to continue a broken stream, with another request body.
@@ -122,8 +122,16 @@ class Attempts:
                     t = t or self.order.next()
                     if t is None:
                         return None
-                    self._start(running, ask, t, why, reason)
+                    self._begin(t, why, reason)
                     hedge_at = self._hedge_at(ask)
+                    if hedge_at is None:  # nothing may start beside it: no task, no wait
+                        try:
+                            return self._won(t, await ask.attempt(self, t), running)
+                        except AttemptFailed as failed:
+                            got = await self._after(t, failed, running, final, why, reason)
+                        final, why, reason = got
+                        continue
+                    running[asyncio.ensure_future(ask.attempt(self, t))] = t
                 timeout = None if hedge_at is None else max(0.0, hedge_at - loop.time())
                 done, _ = await asyncio.wait(
                     running, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -136,27 +144,30 @@ class Attempts:
                     try:
                         opened = task.result()
                     except AttemptFailed as failed:
-                        decision = self._failed(t, failed)
-                        if decision == "final":
-                            final = failed
-                        elif not running and final is None:
-                            why, reason = "retry", failed.reason
-                            if decision == "retry":
-                                await self.order.backoff(failed.retry_after)
+                        got = await self._after(t, failed, running, final, why, reason)
+                        final, why, reason = got
                     else:
                         return self._won(t, opened, running)
         finally:
             if running:
                 await _cancel(running)
 
-    def _start(
-        self, running: dict, ask: Ask, t: Try, why: str, reason: str | None
-    ) -> None:
+    async def _after(self, t: Try, failed: AttemptFailed, running: dict, final, why, reason):
+        """(final failure, why, reason) after `failed`: while others run it leaves its answer."""
+        decision = self._failed(t, failed)
+        if decision == "final":
+            return failed, why, reason
+        if not running and final is None:
+            if decision == "retry":
+                await self.order.backoff(failed.retry_after)
+            return final, "retry", failed.reason
+        return final, why, reason
+
+    def _begin(self, t: Try, why: str, reason: str | None) -> None:
         t.why, t.reason = why, reason
         if why == "retry":  # a retry is a try that follows a failure
             self.metrics.child(self.metrics.retries, self.route.name, reason).inc()
             self.ctx.trace.retry(reason)
-        running[asyncio.ensure_future(ask.attempt(self, t))] = t
         self._started_at = asyncio.get_running_loop().time()
 
     def _hedge_at(self, ask: Ask) -> float | None:
@@ -179,7 +190,8 @@ class Attempts:
         self.hedges += 1
         metrics.child(rescue.hedges_started, route).inc()
         self.ctx.trace.hedge(self.route.hedge.after)
-        self._start(running, ask, t, "hedge", "slow_first_chunk")
+        self._begin(t, "hedge", "slow_first_chunk")
+        running[asyncio.ensure_future(ask.attempt(self, t))] = t
         return self._hedge_at(ask)
 
     def _failed(self, t: Try, failed: AttemptFailed) -> str:
