@@ -8,4 +8,4 @@ def test_every_scenario_imports_and_names_itself():
     scenarios = importlib.import_module("loadtests.scenarios")
     assert {"websocket", "grpc", "disconnect", "cpu_per_chunk"} <= set(scenarios.SCENARIOS)
     for key, module in scenarios.SCENARIOS.items():
-        assert module.KEY == key and module.TITLE
+        assert key == module.KEY and module.TITLE
