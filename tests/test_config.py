@@ -1257,3 +1257,20 @@ def test_ws_endpoints_are_dialled_as_http_and_https():
     )
     assert [e.url for e in cfg.upstreams["a"].endpoints] == ["http://h:1/p", "https://h"]
     assert dict(cfg.routes[0].websocket_upstream.answer_end.match) == {"type": "done"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ('{"X-Key": "a\\r\\nInjected: 1"}', "upstreams.a.headers.X-Key: a header value may not hold a line break or NUL"),
+        ('{"Bad Name": "v"}', "upstreams.a.headers.Bad Name: not a valid header name"),
+    ],
+    ids=["line-break-in-value", "space-in-name"],
+)
+def test_an_upstream_header_that_would_break_every_request_is_a_config_error(headers, message):
+    errors = errors_of(
+        f'upstreams: {{a: {{endpoints: [{{url: "http://h:1"}}], headers: {headers}}}}}\n'
+        "routes: [{name: r, upstream: a}]\n"
+    )
+    assert len(errors) == 1 and errors[0].endswith(message), errors
+    assert "Injected" not in errors[0]  # the value (often a secret) is never echoed

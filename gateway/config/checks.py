@@ -8,6 +8,8 @@ report phantom errors (a route pointing at an upstream that merely failed to par
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from gateway.config.grpc_checks import check_grpc_upstream
@@ -86,8 +88,24 @@ def _upstreams(cfg: GatewayConfig) -> Problems:
     for name, upstream in cfg.upstreams.items():
         path = f"upstreams.{name}"
         yield from _UPSTREAM_CHECKS[type(upstream)](path, upstream)
+        key = "metadata" if isinstance(upstream, GrpcUpstream) else "headers"
+        yield from _added_headers(f"{path}.{key}", upstream.headers)
         yield from at_least(f"{path}.max_connections", upstream.max_connections, 1)
         yield from _eject(f"{path}.eject", upstream.eject)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _added_headers(path: str, headers: Mapping[str, str]) -> Problems:
+    """Headers sent to an upstream with every request: a bad name, or a line break that would
+    split the request, is refused here rather than failing every request (values are not
+    echoed: they are often secrets)."""
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            yield Problem(f"{path}.{name}", "not a valid header name")
+        elif any(c in value for c in "\r\n\0"):
+            yield Problem(f"{path}.{name}", "a header value may not hold a line break or NUL")
 
 
 def _eject(path: str, eject: EjectConfig) -> Problems:
