@@ -430,9 +430,9 @@ def test_an_empty_default_on_an_optional_field_reads_as_null():
 
 
 def test_keys_are_not_interpolated():
-    text = MINIMAL.replace("a:\n", "a:\n    headers:\n      ${X}: v\n")
+    text = MINIMAL.replace("{name: r, upstream: a}", '{name: r, upstream: a, match: {headers: {"${X}": v}}}')
 
-    assert load(text, {"X": "y"}).upstreams["a"].headers == {"${X}": "v"}
+    assert load(text, {"X": "y"}).routes[0].match.headers == {"${x}": "v"}  # lower-cased, as names
 
 
 def test_an_unset_variable_without_default_is_an_error_at_its_value():
