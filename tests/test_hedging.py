@@ -24,6 +24,7 @@ from gateway.explain import explain_lines
 from gateway.observe.tracing import Tracing
 from tests.conftest import config_yaml
 from tests.support.fake_llm_server import answer, fake_llm
+from tests.support.held import metric, nothing_held
 
 MESSAGES = [{"role": "user", "content": "hedge me"}]
 BODY = {"model": "m", "messages": MESSAGES}
@@ -58,21 +59,6 @@ async def _stream(gw) -> tuple[str, set[str], float]:
     return text, {c.id for c in chunks}, time.monotonic() - started
 
 
-def _metric(gw, name: str, **labels: str) -> float:
-    return gw.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def _nothing_held(gw) -> None:
-    runtime = gw.runtime
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2
-    while runtime.streams or runtime.admission.semaphores["slots"].in_use:
-        assert loop.time() < deadline, "the request still holds its stream or units"
-        await asyncio.sleep(0.005)
-    for pool in runtime.pools.values():
-        assert all(ep.outstanding == 0 for ep in pool.endpoints)
-
-
 async def test_a_slow_first_token_is_hedged_on_the_fallback_and_the_slow_try_closed_at_once(
     start_gateway,
 ):
@@ -87,11 +73,11 @@ async def test_a_slow_first_token_is_hedged_on_the_fallback_and_the_slow_try_clo
         # The slow try is closed as soon as the hedge delivered content, not left running.
         await slow.wait_until(lambda s: s.client_gone == 1, 1.0, "close of the slow try")
         assert slow.stats.streams_completed == 0 and fast.stats.streams_completed == 1
-        assert _metric(gw, "streamgate_hedges_started_total", route="r") == 1
-        assert _metric(gw, "streamgate_hedges_won_total", route="r") == 1
+        assert metric(gw, "streamgate_hedges_started_total", route="r") == 1
+        assert metric(gw, "streamgate_hedges_won_total", route="r") == 1
         outcome = {"upstream": "up", "outcome": "hedge_lost"}
-        assert _metric(gw, "streamgate_upstream_attempts_total", **outcome) == 1
-        await _nothing_held(gw)
+        assert metric(gw, "streamgate_upstream_attempts_total", **outcome) == 1
+        await nothing_held(gw)
 
 
 async def test_a_hedge_goes_to_another_endpoint_of_the_same_upstream_first(start_gateway):
@@ -102,7 +88,7 @@ async def test_a_hedge_goes_to_another_endpoint_of_the_same_upstream_first(start
         assert text == answer(BODY)
         assert (other.stats.streams_completed, fallback.stats.completions_started) == (1, 0)
         await slow.wait_until(lambda s: s.client_gone == 1, 1.0, "close of the slow try")
-        await _nothing_held(gw)
+        await nothing_held(gw)
 
 
 async def test_when_the_first_try_answers_first_the_hedge_is_closed(start_gateway):
@@ -111,9 +97,9 @@ async def test_when_the_first_try_answers_first_the_hedge_is_closed(start_gatewa
         text, _, took = await _stream(gw)
         assert text == answer(BODY) and took >= 0.6
         await slower.wait_until(lambda s: s.client_gone == 1, 1.0, "close of the hedge")
-        assert _metric(gw, "streamgate_hedges_started_total", route="r") == 1
-        assert _metric(gw, "streamgate_hedges_won_total", route="r") == 0
-        await _nothing_held(gw)
+        assert metric(gw, "streamgate_hedges_started_total", route="r") == 1
+        assert metric(gw, "streamgate_hedges_won_total", route="r") == 0
+        await nothing_held(gw)
 
 
 async def test_a_client_that_leaves_during_a_hedge_closes_every_try(start_gateway, client):
@@ -127,8 +113,8 @@ async def test_a_client_that_leaves_during_a_hedge_closes_every_try(start_gatewa
             await request
         for backend in (one, two):
             await backend.wait_until(lambda s: s.client_gone == 1, 1.0, "close of a try")
-        await _nothing_held(gw)
-        assert _metric(gw, "streamgate_client_disconnects_total", route="r") == 1
+        await nothing_held(gw)
+        assert metric(gw, "streamgate_client_disconnects_total", route="r") == 1
 
 
 async def test_the_access_log_shows_each_try_and_why(start_gateway, capsys):
@@ -136,7 +122,7 @@ async def test_the_access_log_shows_each_try_and_why(start_gateway, capsys):
         cfg = _config(slow.url, fast.url, "{after: 100ms}")
         gw = await start_gateway(cfg.replace("telemetry: {access_log: off}\n", ""))
         await _stream(gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     (record,) = lines
     assert record["upstream"] == "backup" and record["attempts"] == 2
@@ -153,10 +139,10 @@ async def test_a_spent_budget_waits_for_the_first_try_instead(start_gateway):
         second, _, took = await _stream(gw)  # 10% of 2 requests is less than a second hedge
         assert first == second == answer(BODY)
         assert took >= 0.5
-        assert _metric(gw, "streamgate_hedges_started_total", route="r") == 1
-        assert _metric(gw, "streamgate_hedges_over_budget_total", route="r") == 1
+        assert metric(gw, "streamgate_hedges_started_total", route="r") == 1
+        assert metric(gw, "streamgate_hedges_over_budget_total", route="r") == 1
         assert (fast.stats.completions_started, slow.stats.streams_completed) == (1, 1)
-        await _nothing_held(gw)
+        await nothing_held(gw)
 
 
 async def test_the_trace_shows_the_hedge_and_the_try_it_beat(start_gateway):
@@ -165,7 +151,7 @@ async def test_the_trace_shows_the_hedge_and_the_try_it_beat(start_gateway):
         gw = await start_gateway(_config(slow.url, fast.url, "{after: 100ms}"))
         gw.runtime.tracing = Tracing.exporting_to(exporter, batch=False)
         await _stream(gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
         gw.runtime.tracing.shutdown()
     spans = exporter.get_finished_spans()
     (server,) = [s for s in spans if s.kind is otel.SpanKind.SERVER]

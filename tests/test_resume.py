@@ -9,7 +9,6 @@ spliced together.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import openai
@@ -25,6 +24,7 @@ from gateway.explain import explain_lines
 from gateway.observe.tracing import Tracing
 from tests.conftest import config_yaml
 from tests.support.fake_llm_server import answer, fake_llm
+from tests.support.held import metric, nothing_held
 from tests.support.scripted_upstream import (
     Respond,
     ScriptedUpstream,
@@ -87,21 +87,6 @@ def _first_tokens(n: int) -> str:
     return "".join(word + " " for word in TEXT.split(" ")[:n])
 
 
-def _metric(gw, name: str, **labels: str) -> float:
-    return gw.gateway.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
-async def _nothing_held(gw) -> None:
-    runtime = gw.runtime
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 2
-    while runtime.streams or runtime.admission.semaphores["slots"].in_use:
-        assert loop.time() < deadline, "the request still holds its stream or units"
-        await asyncio.sleep(0.005)
-    for pool in runtime.pools.values():
-        assert all(ep.outstanding == 0 for ep in pool.endpoints)
-
-
 BREAKS = [
     pytest.param({"cut_after": 5}, "cut", id="cut"),
     pytest.param({"stall_after": 5}, "chunk_gap_timeout", id="stall"),
@@ -126,8 +111,8 @@ async def test_a_broken_answer_is_continued_on_the_fallback_exactly_once(
         if reason != "reset":  # a stalled or cut backend's request is closed, not left open
             await broken.wait_until(lambda s: s.client_gone + s.cuts_injected == 1, 1, "close")
         labels = {"route": "r", "reason": reason, "result": "continued"}
-        assert _metric(gw, "streamgate_resumes_total", **labels) == 1
-        await _nothing_held(gw)
+        assert metric(gw, "streamgate_resumes_total", **labels) == 1
+        await nothing_held(gw)
 
 
 @pytest.mark.parametrize(
@@ -153,10 +138,10 @@ async def test_an_answer_asked_again_is_spliced_past_the_text_sent(
         cfg = _config(broken.url, fallback.url, prefill=prefill)
         gw = await start_gateway(cfg.replace("telemetry: {access_log: off}\n", ""))
         text, chunks = await _openai_stream(gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
 
     assert text == TEXT and len({c.id for c in chunks}) == 1
-    assert _metric(gw, "streamgate_resumes_total", route="r", reason="cut", result="spliced") == 1
+    assert metric(gw, "streamgate_resumes_total", route="r", reason="cut", result="spliced") == 1
     (record,) = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x[:1] == "{"]
     assert [(t["upstream"], t["why"], t["reason"], t["result"]) for t in record["tries"]] == tries
     assert (record["resumes"], record["upstream"], record["outcome"]) == (1, "backup", "completed")
@@ -169,7 +154,7 @@ async def test_a_splice_cuts_a_token_that_straddles_the_text_sent(start_gateway,
         up.script(primary)
         gw = await start_gateway(_config(up.url, fallback.url, prefill="none"))
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert status == 200 and _text_of(raw) == TEXT
     assert raw.endswith(b"data: [DONE]\n\n")
     ids = {json.loads(e[6:])["id"] for e in raw.split(b"\n\n") if e.startswith(b"data: {")}
@@ -183,7 +168,7 @@ async def test_a_prefill_is_continued_from_inside_a_token(start_gateway):
         up.script(primary)
         gw = await start_gateway(_config(up.url, fallback.url, prefill="vllm"))
         text, _ = await _openai_stream(gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert text == TEXT
 
 
@@ -203,7 +188,7 @@ async def test_with_no_other_backend_the_same_one_continues_while_attempts_allow
         )
         gw = await start_gateway(cfg)
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
         assert len(only.requests) == 2
     assert status == 200 and _text_of(raw) == TEXT and raw.endswith(b"data: [DONE]\n\n")
 
@@ -235,7 +220,7 @@ async def test_a_different_answer_is_never_spliced_on(start_gateway, client):
     async with fake_llm(cut_after=5) as broken, fake_llm(seed=7) as other:
         gw = await start_gateway(_config(broken.url, other.url, prefill="none"))
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
 
     assert status == 200
     head, sep, last = raw.rpartition(b"event: error\n")
@@ -243,7 +228,7 @@ async def test_a_different_answer_is_never_spliced_on(start_gateway, client):
     assert json.loads(last.split(b"data: ", 1)[1])["error"]["type"] == "resume_diverged"
     assert _text_of(head) == _first_tokens(5)
     labels = {"route": "r", "kind": "resume_diverged"}
-    assert _metric(gw, "streamgate_stream_errors_total", **labels) == 1
+    assert metric(gw, "streamgate_stream_errors_total", **labels) == 1
 
 
 async def test_an_answer_that_ends_before_the_text_sent_is_never_spliced_on(
@@ -254,7 +239,7 @@ async def test_an_answer_that_ends_before_the_text_sent_is_never_spliced_on(
         backup.script(Respond(sse=True, chunks=shorter))
         gw = await start_gateway(_config(broken.url, backup.url, prefill="none"))
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert status == 200 and b"[DONE]" not in raw
     assert _text_of(raw.rpartition(b"event: error\n")[0]) == _first_tokens(5)
     assert b"resume_diverged" in raw
@@ -265,7 +250,7 @@ async def test_an_answer_longer_than_max_prefix_bytes_is_not_resumed(start_gatew
         cfg = _config(broken.url, fallback.url, resume="resume: {max_prefix_bytes: 10}\n")
         gw = await start_gateway(cfg)
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert status == 200 and fallback.stats.completions_started == 0
     assert _text_of(raw) == _first_tokens(5) and b"[DONE]" not in raw
 
@@ -277,7 +262,7 @@ async def test_a_stream_of_tool_calls_is_not_resumed(start_gateway, client):
         up.script(Respond(sse=True, chunks=cut))
         gw = await start_gateway(_config(up.url, fallback.url))
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert status == 200 and raw == b"".join(cut)  # relayed as sent, as without resume
     assert fallback.stats.completions_started == 0
 
@@ -295,7 +280,7 @@ async def test_without_resume_a_broken_stream_ends_as_it_always_did(
     async with fake_llm(**fault) as broken, fake_llm() as fallback:
         gw = await start_gateway(_config(broken.url, fallback.url, resume=""))
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     assert status == 200 and fallback.stats.completions_started == 0
     assert b"[DONE]" not in raw and _text_of(raw) == _first_tokens(5)
     assert (b"event: error" in raw) is (ending == "error")
@@ -306,7 +291,7 @@ async def test_resumes_are_bounded_per_request(start_gateway, client):
         cfg = _config(one.url, two.url, resume="resume: {max: 1}\n")
         gw = await start_gateway(cfg)
         status, raw = await _raw_stream(client, gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
     # one resume, itself cut: the stream ends as sent, three tokens and two more
     assert status == 200 and b"[DONE]" not in raw and b"event: error" not in raw
     assert _text_of(raw) == _first_tokens(5)
@@ -324,8 +309,8 @@ async def test_a_client_that_leaves_during_a_resume_closes_every_try(start_gatew
         await stream.close()  # the client goes away while the continuation is awaited
         await client.close()
         await slow.wait_until(lambda s: s.client_gone == 1, 1, "close of the resume")
-        await _nothing_held(gw)
-        assert _metric(gw, "streamgate_client_disconnects_total", route="r") == 1
+        await nothing_held(gw)
+        assert metric(gw, "streamgate_client_disconnects_total", route="r") == 1
 
 
 def test_resume_and_hedge_keys_are_checked_at_load_time():
@@ -360,7 +345,7 @@ async def test_the_trace_shows_the_break_and_the_resume(start_gateway):
         gw = await start_gateway(_config(broken.url, fallback.url))
         gw.runtime.tracing = Tracing.exporting_to(exporter, batch=False)
         text, _ = await _openai_stream(gw)
-        await _nothing_held(gw)
+        await nothing_held(gw)
         gw.runtime.tracing.shutdown()
     assert text == TEXT
     spans = exporter.get_finished_spans()
