@@ -539,7 +539,9 @@ async def test_sigterm_ends_the_worker_promptly_even_with_a_stalled_stream() -> 
     await llm.start()
     body = chat(stream=True, fake={"stall_after": 1})
     exchange = asyncio.create_task(asyncio.to_thread(raw_exchange, llm.port, body, 10.0))
-    await asyncio.sleep(0.2)  # the stream is open and stalled
+    async with aiohttp.ClientSession() as http, asyncio.timeout(5):
+        while (await stats(http, llm))["stalls_injected"] == 0:  # until the stream stalls
+            await asyncio.sleep(0.01)
 
     started = time.monotonic()
     assert await llm.stop() == 0
