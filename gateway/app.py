@@ -26,9 +26,9 @@ from gateway.engine.runtime import Runtime
 from gateway.errors import ConfigErrors, Draining
 from gateway.observe.metrics import Metrics
 from gateway.protocols.grpc.server import GrpcServer
-from gateway.protocols.http.connection import GatewayServer
+from gateway.protocols.http.listener import HttpListener
 from gateway.protocols.http.server import HttpServer
-from gateway.protocols.ws.server import WsServer, is_upgrade
+from gateway.protocols.ws.server import WsServer
 
 log = logging.getLogger("streamgate")
 
@@ -44,7 +44,7 @@ class Gateway:
         self.config = config
         self.proxy: Proxy | None = None
         self._runners: list[web.BaseRunner] = []
-        self._proxy_site: web.TCPSite | None = None
+        self._listener: HttpListener | None = None
         self._watcher: asyncio.Task | None = None
         self._reloading = asyncio.Lock()
         self._retired: set[Runtime] = set()
@@ -67,24 +67,18 @@ class Gateway:
     async def start(self) -> tuple[str, str]:
         runtime = await self.start_runtime(self.config)
         self.proxy = Proxy(runtime)
-        # handler_cancellation: a client that goes away cancels its handler, which closes the
-        # upstream request. aiohttp's runners do not do this unless asked.
-        server = GatewayServer(
-            _dispatch(HttpServer(self.proxy), WsServer(self.proxy)),
+        self._listener = HttpListener(
+            HttpServer(self.proxy).handle,
+            WsServer(self.proxy).handle,
             lambda: self.runtime.config.server,
             self.metrics,
-            handler_cancellation=True,
-            access_log=None,
         )
-        # By the time runners are cleaned up, drain_and_stop has already waited for streams.
-        proxy_runner = web.ServerRunner(server, handler_cancellation=True, shutdown_timeout=1.0)
-        self._proxy_site, proxy_url = await self._listen(
-            proxy_runner, self.config.server.listen, self.reuse_port
-        )
+        host, port = self.config.server.listen
+        proxy_url = http_url(*await self._listener.start(host, port, self.reuse_port))
         admin_runner = web.AppRunner(
             admin_app(self), handler_cancellation=True, access_log=None, shutdown_timeout=1.0
         )
-        _, admin_url = await self._listen(admin_runner, self.config.admin.listen)
+        admin_url = await self._listen(admin_runner, self.config.admin.listen)
         if self.config.server.grpc_listen is not None:
             self.grpc = GrpcServer(self.proxy)
             await self.grpc.start(self.config.server)
@@ -93,18 +87,14 @@ class Gateway:
             self._watcher = asyncio.get_running_loop().create_task(watching)
         return proxy_url, admin_url
 
-    async def _listen(
-        self, runner: web.BaseRunner, listen: tuple[str, int], reuse_port: bool = False
-    ) -> tuple[web.TCPSite, str]:
+    async def _listen(self, runner: web.BaseRunner, listen: tuple[str, int]) -> str:
         await runner.setup()
         host, port = listen
-        site = web.TCPSite(
-            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
-        )
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
         await site.start()
         self._runners.append(runner)
         bound = runner.addresses[0]
-        return site, http_url(bound[0], bound[1])
+        return http_url(bound[0], bound[1])
 
     async def start_runtime(
         self, config: GatewayConfig, previous: Runtime | None = None
@@ -163,9 +153,8 @@ class Gateway:
         assert proxy is not None
         proxy.draining = True
         await asyncio.sleep(self.config.server.drain_delay)
-        if self._proxy_site is not None:
-            await self._proxy_site.stop()
-            self._proxy_site = None
+        if self._listener is not None:
+            self._listener.close()
         try:
             await asyncio.wait_for(proxy.idle(), self.config.server.shutdown_grace)
         except TimeoutError:
@@ -182,6 +171,8 @@ class Gateway:
             self._watcher.cancel()
         if self.grpc is not None:  # streams were drained or ended with the proxy's
             await self.grpc.stop(grace=1.0)
+        if self._listener is not None:  # its streams were drained or ended with the proxy's
+            await self._listener.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -227,15 +218,3 @@ async def _close_when_idle(runtime: Runtime) -> None:
 
 def http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _dispatch(http: HttpServer, ws: WsServer):
-    """WebSocket upgrades to the WebSocket adapter, everything else to HTTP; routing still
-    decides whether a route takes the session (only a route with a `websocket` block does)."""
-
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        if is_upgrade(request):
-            return await ws.handle(request)
-        return await http.handle(request)
-
-    return handle

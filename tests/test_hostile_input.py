@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.protocols.http.connection import LOG_BURST, REASONS
+from gateway.protocols.http.refusals import LOG_BURST, REASONS
 from tests.conftest import config_yaml
 from tests.support.raw_http import (
     closed_within,

@@ -1,249 +1,269 @@
-"""The client-facing HTTP/1.1 connection: aiohttp's protocol, with the gateway's rules at its edge.
+"""One client connection on the proxy listener: an asyncio `Protocol` over llhttp.
 
-aiohttp's `RequestHandler` is kept whole; this subclass changes what happens *before* a request
-reaches `Proxy.handle`, where the proxy cannot see it:
+Bytes go to the parser as they arrive; each request whose head is complete is served by one
+task (`HttpServer.handle`), one at a time, while its body keeps arriving. A client that goes
+away cancels that task, which the engine treats as a disconnect. Pipelined requests wait their
+turn (reading pauses while one waits). Around the requests:
 
-- a request the HTTP parser refuses (smuggling-prone framing, bad chunk sizes, bare CR/LF,
-  oversized lines, too many headers, bad tokens) gets the gateway's JSON error with an
-  `x-request-id`, an `HTTP/1.1` status line and a fixed message (never the offending bytes);
-  it is counted in `streamgate_bad_requests_total{reason}` and logged in one line, at most
-  `LOG_BURST` lines at once and `LOG_PER_S` a second after that, so a flood cannot flood the log;
-- `server.header_timeout` bounds the time from a request's first byte to the end of its headers
-  (408, then close); `server.idle_timeout` closes connections with no request on them (aiohttp's
-  keep-alive timer, which also runs before the first request).
-
-The body's own bound (`server.body_timeout`) lives with the body read in `proxy.py`.
+- a request the parser refuses, or whose headers take longer than `server.header_timeout`, is
+  answered with the gateway's JSON error, counted and logged (`refusals.py`), and the
+  connection closes; one whose body breaks mid-read is answered 400 by the proxy at once;
+- a head growing past twice `server.max_header_bytes` is refused (431) before it is whole;
+- `server.idle_timeout` closes a connection with no request on it (before the first, too);
+- a WebSocket upgrade is handed, with its bytes, to the WebSocket adapter's connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-from collections.abc import Callable
+from collections import deque
+from typing import NamedTuple
 
-from aiohttp import web
-from aiohttp.http import HttpVersion11
-from aiohttp.http_exceptions import (
-    BadHttpMessage,
-    BadHttpMethod,
-    BadStatusLine,
-    HttpProcessingError,
-    InvalidHeader,
-    InvalidURLError,
-    LineTooLong,
-    PayloadEncodingError,
-)
-from aiohttp.streams import EMPTY_PAYLOAD
-from aiohttp.web_protocol import ERROR, RequestHandler, _ErrInfo
-
-from gateway.config.model import ServerConfig
-from gateway.errors import BadRequest, GatewayError, InternalError, RequestTimeout
-from gateway.observe.metrics import Metrics
-from gateway.protocols.http.errors import error_response
-
-log = logging.getLogger("streamgate")
-
-LOG_BURST = 10
-LOG_PER_S = 1.0
+from gateway.protocols.http.parsing import ParseError, RequestParser, Upgraded
+from gateway.protocols.http.refusals import refusal
+from gateway.protocols.http.request import ParsedRequest, malformed_body
+from gateway.protocols.http.response import error_head_and_body
 
 
-class HeaderTimeout(Exception):
-    """The request's headers did not arrive within `server.header_timeout`."""
+class Refused(NamedTuple):
+    """A request refused before it was whole: answered in its turn, then the close."""
+
+    reason: str
+    detail: str
 
 
-class MalformedRequest(BadRequest):
-    type = "malformed_request"
-    condition = "malformed_request"
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, listener) -> None:
+        self.listener = listener
+        self.loop = listener.loop
+        self.settings = listener.settings()
+        """The server config when the connection opened (a reload applies to later ones)."""
+        self.transport: asyncio.Transport | None = None
+        self.remote = ""
+        self.parser: RequestParser | None = None
+        self.queue: deque[ParsedRequest | Refused] = deque()
+        self.current: ParsedRequest | None = None
+        self.task: asyncio.Task | None = None
+        self.idle_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._stopped = False
+        """Nothing more is parsed: a refusal or a close is coming."""
+        self._upgrade: list[bytes] | None = None
+        """Once a request upgrades: the bytes after its head, for whoever takes it over."""
+        self._writable: asyncio.Future | None = None
+        self._paused = False
 
+    @property
+    def draining(self) -> bool:
+        return self.listener.draining
 
-# reason label → what the client is told; the label set is closed (bounded cardinality).
-_MESSAGES = {
-    "line_too_long": "a request line or header line is too long",
-    "invalid_header": "a request header is malformed",
-    "bad_method": "the request method is not valid",
-    "bad_request_line": "the request line is malformed",
-    "bad_body_framing": "the request body's framing is malformed",
-    "bad_message": "the request is malformed (framing headers, header count or syntax)",
-    "header_timeout": "the request headers did not arrive in time",
-    "other": "the request could not be processed",
-}
-REASONS = tuple(_MESSAGES)
+    # -- asyncio.Protocol
 
-_REASON_OF = {  # looked up along the exception's MRO, most specific first
-    LineTooLong: "line_too_long",
-    InvalidHeader: "invalid_header",
-    BadHttpMethod: "bad_method",
-    BadStatusLine: "bad_request_line",
-    InvalidURLError: "bad_request_line",
-    PayloadEncodingError: "bad_body_framing",
-    BadHttpMessage: "bad_message",
-    HttpProcessingError: "bad_message",
-    HeaderTimeout: "header_timeout",
-}
-
-# The parser's stand-in message for a request it refused says HTTP/1.0; answer in 1.1.
-_ERROR_11 = ERROR._replace(version=HttpVersion11)
-
-
-def reason_of(exc: BaseException | None) -> str:
-    for cls in type(exc).__mro__:
-        reason = _REASON_OF.get(cls)
-        if reason is not None:
-            return reason
-    return "other"
-
-
-class LogThrottle:
-    """A token bucket for log lines: `burst` at once, then `per_s` a second; counts the rest."""
-
-    def __init__(self, burst: int = LOG_BURST, per_s: float = LOG_PER_S) -> None:
-        self._burst, self._per_s = burst, per_s
-        self._tokens = float(burst)
-        self._last = 0.0
-        self.suppressed = 0
-
-    def allow(self, now: float) -> bool:
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._per_s)
-        self._last = now
-        if self._tokens < 1:
-            self.suppressed += 1
-            return False
-        self._tokens -= 1
-        return True
-
-
-class GatewayServer(web.Server):
-    """`web.Server` whose connections are `GatewayConnection`s, configured per connection from
-    the current config (a reload applies to connections opened after it)."""
-
-    def __init__(
-        self,
-        handler,
-        settings: Callable[[], ServerConfig],
-        metrics: Metrics,
-        **kwargs,
-    ) -> None:
-        super().__init__(handler, request_factory=self._request, **kwargs)
-        self._settings = settings
-        self.metrics = metrics
-        self.log_throttle = LogThrottle()
-
-    def __call__(self) -> RequestHandler:
-        settings = self._settings()
-        return GatewayConnection(
-            self, settings, loop=self._loop, keepalive_timeout=settings.idle_timeout, **self._kwargs
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if peer else ""
+        self.parser = RequestParser(self._on_head, self.remote, self.settings.max_request_body)
+        self.listener.connections.add(self)
+        self.idle_since = self.loop.time()
+        self._idle_timer = self.loop.call_at(
+            self.idle_since + self.settings.idle_timeout, self._idle_check
         )
-
-    def _request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
-        if message is ERROR:
-            message = _ERROR_11
-        return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
-
-    def refused(self, remote: str | None, reason: str, exc: BaseException | None, status: int):
-        """Count and (rate-limited) log one request refused before the proxy saw it."""
-        self.metrics.child(self.metrics.bad_requests, reason).inc()
-        throttle = self.log_throttle
-        if not throttle.allow(self._loop.time()):
-            return
-        held, throttle.suppressed = throttle.suppressed, 0
-        detail = str(getattr(exc, "message", exc) or "").strip().split("\n", 1)[0][:120]
-        log.warning(
-            "refused a request from %s with %d: %s (%r)%s",
-            remote or "?",
-            status,
-            reason,
-            detail,
-            f"; {held} more not logged" if held else "",
-        )
-
-
-class GatewayConnection(RequestHandler):
-    def __init__(self, manager: GatewayServer, settings: ServerConfig, **kwargs) -> None:
-        super().__init__(manager, **kwargs)
-        self._gateway_server = manager
-        self._header_timeout = settings.header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._header_expired = False
-
-    # -- header timeout
 
     def data_received(self, data: bytes) -> None:
-        if self._header_expired:
-            return  # the 408 is queued; whatever else comes is not read
-        awaiting_headers = self._awaiting_headers()
-        super().data_received(data)
-        if self._messages:  # headers complete (or refused): the clock stops
-            self._stop_header_timer()
-            self._fail_body_in_progress()
-        elif awaiting_headers and self._header_timer is None:
-            # Armed only when a packet leaves the headers unfinished: no timer per request.
-            self._header_timer = self._loop.call_later(self._header_timeout, self._header_late)
-
-    def _fail_body_in_progress(self) -> None:
-        """The parser gave up in the middle of a body the proxy is reading (a bad chunk size
-        sent late): it queues a refusal for later and leaves the body waiting forever. Hand the
-        error to the body instead, so the proxy answers 400 now and the connection closes."""
-        last = self._messages[-1][0]
-        if self._current_request is None or not isinstance(last, _ErrInfo):
+        if self._upgrade is not None:
+            self._upgrade.append(data)
             return
-        self._messages.pop()
-        body = self._current_request.content
-        body.set_exception(last.exc)
-        body.feed_eof()  # nothing more is read from this connection
-
-    def _awaiting_headers(self) -> bool:
-        """No request queued or in the handler: bytes now are the next request's head."""
-        return (
-            not self._messages
-            and self._current_request is None
-            and (self._waiter is not None or self._request_count == 0)
-        )
-
-    def _stop_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_late(self) -> None:
-        self._header_timer = None
-        if self._messages or self.transport is None:
+        if self._stopped:
             return
-        self._header_expired = True
-        # Queued like a parser error, so it is answered by `handle_error` below.
-        exc = HeaderTimeout(f"no complete request headers within {self._header_timeout:g}s")
-        self._messages.append((_ErrInfo(status=408, exc=exc, message=str(exc)), EMPTY_PAYLOAD))
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self.idle_since = None
+        parser = self.parser
+        try:
+            parser.feed(data)
+        except Upgraded as up:
+            self._upgraded(data[up.offset:])
+        except ParseError as exc:
+            self._refuse_parse(exc)
+        else:
+            if parser.in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > 2 * self.settings.max_header_bytes:
+                    self._refuse(Refused("headers_too_large", "the request head is too large"))
+                elif self._head_timer is None:  # only a head split over packets is timed
+                    self._head_timer = self.loop.call_later(
+                        self.settings.header_timeout, self._head_late
+                    )
+        if self.queue and self.task is None:
+            self._next()
+        if self.queue and self.task is not None and not self._paused:
+            self._paused = True  # a pipelined request waits: so does the rest
+            self.transport.pause_reading()
+
+    def _on_head(self, request: ParsedRequest) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._head_bytes = 0
+        self.queue.append(request)
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def writable(self) -> None:
+        """Until the transport takes writes again (at once when it is not paused)."""
+        if self._writable is not None:
+            await self._writable
+        if self.transport.is_closing():
+            raise ConnectionResetError("the client went away")
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_header_timer()
-        super().connection_lost(exc)
+        self._stop_timers()
+        self.listener.connections.discard(self)
+        self.queue.clear()
+        if self.current is not None:
+            self.current.body_failed(ConnectionResetError("the client went away"))
+        if self.task is not None:
+            self.task.cancel()  # the engine's disconnect: every stage unwinds
+        self.resume_writing()
 
-    # -- the answer to a request the parser refused
+    # -- serving, one request at a time
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:  # a response is half sent: only a close is left
-            raise ConnectionError("response already started")
-        if status >= 500:  # not the parser: an exception escaped Proxy.handle's own net
-            log.error("internal error: %s: %.200s", type(exc).__name__, exc)
-            err: GatewayError = InternalError(_MESSAGES["other"])
+    def _next(self) -> None:
+        item = self.queue.popleft()
+        if isinstance(item, Refused):
+            self._answer_refusal(item)
+        elif item.upgrade:
+            self._hand_over(item)
         else:
-            reason = reason_of(exc)
-            err = _refusal(reason)
-            self._gateway_server.refused(request.remote, reason, exc, err.status)
-        response = error_response(err, os.urandom(12).hex())
-        response.force_close()
-        return response
+            self.current = item
+            self.task = self.loop.create_task(self._serve(item))
 
+    async def _serve(self, request: ParsedRequest) -> None:
+        sink = None
+        try:
+            sink = await self.listener.handler(request, self)
+        finally:
+            self._served(request, sink)
 
-def _refusal(reason: str) -> GatewayError:
-    if reason == "header_timeout":
-        return RequestTimeout(_MESSAGES[reason])
-    return MalformedRequest(_MESSAGES[reason])
+    def _served(self, request: ParsedRequest, sink) -> None:
+        self.task = self.current = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if sink is None or not sink.complete:  # an answer cut short: only a close is left
+            transport.abort()
+        elif sink.close or not request.complete or self.draining:
+            self._close_after_answer()
+        else:
+            if self.queue:
+                self._next()
+            if self.task is None:
+                self.idle_since = self.loop.time()
+            if self._paused and not self.queue and not transport.is_closing():
+                self._paused = False
+                transport.resume_reading()
+
+    def _close_after_answer(self) -> None:
+        self._stopped = True
+        self.queue.clear()
+        self.transport.close()  # after the buffered answer is flushed
+
+    def continue_if_expected(self, request: ParsedRequest) -> None:
+        """`Expect: 100-continue`: the proxy is about to wait for the body, so ask for it."""
+        if request.version == "1.1" and request.size == 0 and (
+            request.headers.get("expect", "").lower() == "100-continue"
+        ):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- refusals
+
+    def _refuse_parse(self, exc: ParseError) -> None:
+        failing = self.parser.request
+        if failing is not None and failing is self.current:  # its body is being read
+            failing.body_failed(malformed_body(str(exc)))
+            self._stopped = True
+            return
+        if failing is not None and failing in self.queue:
+            self.queue.remove(failing)
+        self._refuse(Refused(exc.reason, str(exc)))
+
+    def _refuse(self, refused: Refused) -> None:
+        self._stopped = True
+        self.queue.append(refused)
+
+    def _answer_refusal(self, refused: Refused) -> None:
+        err = refusal(refused.reason)
+        self.listener.refusals.record(
+            self.remote, refused.reason, refused.detail, err.status, self.loop.time()
+        )
+        request_id = os.urandom(12).hex()
+        self.transport.write(error_head_and_body(err, request_id, (), close=True))
+        self._close_after_answer()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.parser.in_head or self._stopped:
+            return
+        self._refuse(Refused("header_timeout", "no complete request headers in time"))
+        if self.task is None:
+            self._next()
+
+    # -- timers
+
+    def _idle_check(self) -> None:
+        """One timer per connection, moved along rather than made per request."""
+        self._idle_timer = None
+        if self.transport.is_closing():
+            return
+        timeout, now = self.settings.idle_timeout, self.loop.time()
+        if self.idle_since is not None and now >= self.idle_since + timeout:
+            self.transport.close()
+            return
+        due = (self.idle_since if self.idle_since is not None else now) + timeout
+        self._idle_timer = self.loop.call_at(due, self._idle_check)
+
+    def _stop_timers(self) -> None:
+        for timer in (self._idle_timer, self._head_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._head_timer = None
+
+    def close_if_idle(self) -> None:
+        """For a drain: a connection between requests closes now; a busy one after its answer."""
+        if self.task is None and not self.queue and not self.parser.in_head:
+            self.transport.close()
+
+    # -- upgrades
+
+    def _upgraded(self, rest: bytes) -> None:
+        request = self.queue[-1] if self.queue else None
+        if request is None or isinstance(request, Refused):
+            self._refuse(Refused("bad_message", "an upgrade without a request"))
+        elif request.headers.get("upgrade", "").lower() == "websocket":
+            request.upgrade = True
+            self._upgrade = [rest]
+        else:  # another protocol (h2c, say): ignored, as RFC 9110 7.8 allows
+            self.parser = RequestParser(
+                self._on_head, self.remote, self.settings.max_request_body
+            )
+            if rest:
+                self.data_received(rest)
+
+    def _hand_over(self, request: ParsedRequest) -> None:
+        transport, rest = self.transport, b"".join(self._upgrade or ())
+        self._stop_timers()
+        self.listener.connections.discard(self)
+        self._stopped = True
+        if self._paused:
+            transport.resume_reading()
+        head = f"{request.method} {request.raw_path} HTTP/{request.version}\r\n".encode("latin-1")
+        lines = b"".join(b"%s: %s\r\n" % pair for pair in request.raw_headers)
+        self.listener.upgrade(transport, head + lines + b"\r\n" + rest)

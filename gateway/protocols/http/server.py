@@ -1,21 +1,16 @@
-"""The HTTP/1.1 server side: an aiohttp request in, the engine's pipeline, a response out.
+"""The HTTP/1.1 server side: a parsed request in, the engine's pipeline, a response out.
 
 Only HTTP lives here: the request target (absolute-form reduced to its path, dot segments
 removed, unsafe escapes refused: what is routed is what is forwarded), the header size (431),
 the body bounded in size (413) and time (408) and what routing needs from it, the headers an
 upstream is sent, and the sink answers go to. Requests the HTTP parser refuses never get here
-(connection.py). aiohttp cancels the handler when the client goes away
-(handler_cancellation=True), which the engine treats as a disconnect.
+(connection.py). The connection cancels the task serving a request when its client goes away,
+which the engine treats as a disconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
-from itertools import chain
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.config.model import ServerConfig
 from gateway.engine.context import RequestContext, request_id_from
@@ -24,12 +19,13 @@ from gateway.engine.sse import loads_json
 from gateway.errors import BadRequest, HeadersTooLarge, RequestTimeout, RequestTooLarge
 from gateway.protocols.grpc.bridge import enter_bridge
 from gateway.protocols.http.headers import upstream_request_headers
+from gateway.protocols.http.request import ParsedRequest
 from gateway.protocols.http.sink import HttpSink
 from gateway.protocols.http.target import parse_target
 
 
-def request_context(request: web.BaseRequest) -> RequestContext:
-    """The engine's context for an aiohttp request (a plain one or a WebSocket upgrade)."""
+def request_context(request) -> RequestContext:
+    """The engine's context for a request: a parsed one, or aiohttp's WebSocket upgrade."""
     return RequestContext(
         request_id_from(request.headers.get("x-request-id")),
         request.method,
@@ -43,52 +39,51 @@ class HttpServer:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: ParsedRequest, conn) -> HttpSink:
         ctx = request_context(request)
-        sink = HttpSink(request, ctx)
-        await self.proxy.serve(ctx, HttpInbound(request, ctx), sink)
-        return sink.response
+        sink = HttpSink(conn, request, ctx)
+        await self.proxy.serve(ctx, HttpInbound(request, ctx, conn), sink)
+        return sink
 
 
 class HttpInbound:
-    """An aiohttp request as the engine's `Inbound`."""
+    """A parsed request as the engine's `Inbound`."""
 
-    __slots__ = ("request", "ctx", "headers", "route_path")
+    __slots__ = ("request", "ctx", "conn", "headers", "route_path")
 
-    def __init__(self, request: web.BaseRequest, ctx: RequestContext) -> None:
+    def __init__(self, request: ParsedRequest, ctx: RequestContext, conn) -> None:
         self.request = request
         self.ctx = ctx
+        self.conn = conn
         self.headers = request.headers
-        self.route_path = request.path
+        self.route_path = request.raw_path.partition("?")[0]
         """Until `read` has normalised the target."""
 
     async def read(self, server: ServerConfig) -> None:
-        """Check the target and headers, then buffer the body (bounded in size and time)
+        """Check the target and headers, then wait for the body (bounded in size and time)
         and read what routing and admission need from it."""
         request, ctx = self.request, self.ctx
-        _check_header_size(request, server.max_header_bytes)
+        if request.head_size > server.max_header_bytes:
+            size, limit = request.head_size, server.max_header_bytes
+            raise HeadersTooLarge(f"request headers of {size} bytes are over {limit}")
         target = parse_target(request.raw_path)
         ctx.path, self.route_path = target.forward, target.path
         limit = server.max_request_body
         length = request.content_length
         if length is not None and length > limit:
             raise RequestTooLarge(f"request body of {length} bytes is over {limit}")
-        content = request.content
-        try:
-            if content.is_eof():  # it all came with the headers: no timer, no wait
-                body = content.read_nowait()
-                if len(body) > limit:
-                    raise RequestTooLarge(f"request body is over {limit} bytes")
-            else:
+        if request.complete:  # it all came with the headers: no timer, no wait
+            body = b"".join(request.parts)
+        else:
+            self.conn.continue_if_expected(request)
+            try:
                 async with asyncio.timeout(server.body_timeout):
-                    body = await _read_all(request, limit)
-        except TimeoutError:
-            message = f"the request body did not arrive within {server.body_timeout:g}s"
-            raise RequestTimeout(message) from None
-        except (RequestPayloadError, HttpProcessingError) as exc:
-            # Framing broken mid-body (a bad chunk size, a short body): the client's fault.
-            cause = type(exc.__cause__ or exc).__name__
-            raise BadRequest(f"malformed request body ({cause})") from None
+                    body = await request.wait_body(limit)
+            except TimeoutError:
+                message = f"the request body did not arrive within {server.body_timeout:g}s"
+                raise RequestTimeout(message) from None
+        if request.size > limit:
+            raise RequestTooLarge(f"request body is over {limit} bytes")
         ctx.body = body
         declared = request.content_type == "application/json"
         if declared or body[:1] == b"{":
@@ -102,29 +97,8 @@ class HttpInbound:
             enter_bridge(self.ctx, route)
 
     def upstream_headers(self):
-        request, ctx = self.request, self.ctx
-        return upstream_request_headers(
-            request.headers, ctx.request_id, ctx.client_ip, request.scheme
-        )
-
-
-def _check_header_size(request: web.BaseRequest, limit: int) -> None:
-    """The parser bounds each header line and their count, not their total: this does."""
-    raw = request.raw_headers
-    size = sum(map(len, chain.from_iterable(raw))) + 4 * len(raw)
-    if size > limit:
-        raise HeadersTooLarge(f"request headers of {size} bytes are over {limit}")
-
-
-async def _read_all(request: web.BaseRequest, limit: int) -> bytes:
-    parts: list[bytes] = []
-    size = 0
-    while data := await request.content.readany():
-        size += len(data)
-        if size > limit:
-            raise RequestTooLarge(f"request body is over {limit} bytes")
-        parts.append(data)
-    return b"".join(parts)
+        ctx = self.ctx
+        return upstream_request_headers(self.headers, ctx.request_id, ctx.client_ip, "http")
 
 
 def _read_json(ctx: RequestContext, body: bytes, strict: bool) -> None:

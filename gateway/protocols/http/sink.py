@@ -1,92 +1,103 @@
-"""The HTTP/1.1 server side of one request: the engine's `Sink` over an aiohttp response.
+"""The HTTP/1.1 server side of one request: the engine's `Sink`, writing to the client's
+transport itself.
 
 Headers are held until the first frames are in hand and go out in one write with them. After
-that, frames are written straight to the client's transport (chunk-framed when the response is
-chunked): no coroutine per chunk. The transport's write buffer is the engine's bounded buffer.
+that, frames are written straight to the transport (chunk-framed for an HTTP/1.1 client): no
+coroutine, future or buffer object per chunk. The transport's write buffer is the engine's
+bounded buffer. `complete` and `close` tell the connection what it may do next.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-
-from aiohttp import web
+import os
 
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
 from gateway.errors import GatewayError, InternalError, RequestTimeout
-from gateway.protocols.http.errors import error_response
 from gateway.protocols.http.headers import add_rate_limit_headers, client_response_headers
+from gateway.protocols.http.request import ParsedRequest
+from gateway.protocols.http.response import error_head_and_body, response_head
 
 _SIZED = 2048
 _CHUNK_SIZES = tuple(b"%x\r\n" % size for size in range(_SIZED))
 """Chunk-size lines made once: formatting one costs more than the rest of a small write."""
+_LAST_CHUNK = b"0\r\n\r\n"
+_NO_BODY = frozenset({204, 304})
 
 
 class HttpSink:
-    __slots__ = ("request", "ctx", "response", "transport", "write", "buffered", "closing")
+    __slots__ = (
+        "conn", "request", "ctx", "transport", "write", "buffered", "closing", "chunked",
+        "started", "complete", "close",
+    )
     receive = None  # HTTP/1.1 is one request, one answer: nothing more comes from the client
 
-    def __init__(self, request: web.BaseRequest, ctx: RequestContext) -> None:
+    def __init__(self, conn, request: ParsedRequest, ctx: RequestContext | None) -> None:
+        self.conn = conn
+        """The client's `HttpConnection`: its transport, and a wait for the client to read."""
         self.request = request
         self.ctx = ctx
-        self.response: web.StreamResponse | None = None
-        """What the handler returns to aiohttp."""
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = conn.transport
+        self.buffered = self.transport.get_write_buffer_size
+        self.closing = self.transport.is_closing
+        self.chunked = request.version != "1.0"
+        self.started = False
+        """Bytes of the answer were written."""
+        self.complete = False
+        """The whole answer was written: the connection may serve its next request."""
+        self.close = conn.draining or not request.keep_alive
+        """The connection closes after this answer."""
+
+    def _send(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        self.started = True
+        self.transport.write(data)
 
     async def refuse(self, err: GatewayError) -> None:
-        ctx = self.ctx
-        response = error_response(err, ctx.request_id)
-        add_rate_limit_headers(response.headers, ctx.rate_remaining, ctx.token_budget)
-        self.response = response
-        if isinstance(err, RequestTimeout) or self.request.content.exception() is not None:
-            await self._send_and_close(response)
-        elif isinstance(err, InternalError):
-            response.force_close()
-
-    async def _send_and_close(self, response: web.Response) -> None:
-        """The rest of the body is not coming, or is garbage: answer, then close at once,
-        rather than let aiohttp linger reading a body nobody wants (that would hold a slow
-        client's connection for its `lingering_time` more)."""
-        response.force_close()
-        await response.prepare(self.request)
-        await response.write_eof()
-        if self.request.transport is not None:
-            self.request.transport.close()  # after the buffered answer is flushed
+        # The rest of a body that was not read is not coming, or is garbage: answer, then
+        # close at once rather than read a body nobody wants.
+        request, ctx = self.request, self.ctx
+        if isinstance(err, (RequestTimeout, InternalError)) or not request.complete:
+            self.close = True
+        extra: dict[str, str] = {}
+        request_id = ctx.request_id if ctx is not None else os.urandom(12).hex()
+        if ctx is not None:
+            add_rate_limit_headers(extra, ctx.rate_remaining, ctx.token_budget)
+        self._send(error_head_and_body(err, request_id, extra.items(), self.close))
+        self.complete = True
 
     async def send_whole(self, opened: Opened) -> None:
-        response = web.Response(
-            status=opened.status, headers=self._headers(opened), body=opened.head
+        body = b"" if self.request.method == "HEAD" else opened.head
+        bodiless = opened.status in _NO_BODY  # no Content-Length either (RFC 9110 8.6)
+        head = response_head(
+            opened.status, self._headers(opened).items(),
+            length=None if bodiless else len(opened.head), close=self.close,
         )
-        self.response = response
-        await response.prepare(self.request)
-        await response.write_eof()
+        self._send(head + body)
+        self.complete = True
 
     async def commit(self, opened: Opened, first: bytes) -> None:
-        response = web.StreamResponse(status=opened.status, headers=self._headers(opened))
-        response._send_headers_immediately = False  # they go out with the first frames
-        self.response = response
-        await response.prepare(self.request)
-        transport = self.request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client went away")
-        writer = response._payload_writer  # aiohttp has no public "flush headers with"
-        if first:
-            await writer.write(first, drain=False)
-        else:
-            writer.send_headers()
-        self.transport = transport
-        self.buffered = transport.get_write_buffer_size
-        self.closing = transport.is_closing
-        if writer.chunked:  # set by prepare() for HTTP/1.1
+        chunked = self.chunked
+        if not chunked:
+            self.close = True  # an HTTP/1.0 client reads the stream to the close
+        head = response_head(
+            opened.status, self._headers(opened).items(), length=None, close=self.close,
+            chunked=chunked,
+        )
+        transport = self.transport
+        if chunked:
             send, join, sizes = transport.write, b"".join, _CHUNK_SIZES
             self.write = lambda data: send(
                 join((sizes[len(data)], data, b"\r\n"))
                 if len(data) < _SIZED
                 else b"%x\r\n%b\r\n" % (len(data), data)
             )
+            self._send(head + _framed(first) if first else head)
         else:
             self.write = transport.write
+            self._send(head + first)
 
     def _headers(self, opened: Opened):
         sse = opened.headers.get("content-type", "").startswith("text/event-stream")
@@ -97,29 +108,32 @@ class HttpSink:
     async def drain(self) -> None:
         """Wait until the client has taken every buffered byte.
 
-        Lowering the transport's high-water mark to zero pauses it at once; aiohttp's drain
-        then waits for the transport to resume, which it does when its buffer is empty.
+        Lowering the transport's high-water mark to zero pauses it at once (when anything is
+        buffered); it resumes when its buffer is empty.
         """
         transport = self.transport
         high, low = transport.get_write_buffer_limits()[::-1]
         transport.set_write_buffer_limits(high=0, low=0)
         try:
-            await self.response._payload_writer.drain()  # no public drain that does not warn
+            await self.conn.writable()
         finally:
             if not transport.is_closing():
                 transport.set_write_buffer_limits(high=high, low=low)
 
     async def finish(self, tail: bytes) -> None:
-        if tail:
-            await self.response.write(tail)
-        await self.response.write_eof()
+        if self.chunked:
+            self._send(_framed(tail) + _LAST_CHUNK if tail else _LAST_CHUNK)
+        elif tail:
+            self._send(tail)
+        self.complete = True
 
     async def fail(self, last_frame: bytes | None) -> None:
-        transport = self.request.transport
-        if last_frame is not None and transport is not None and not transport.is_closing():
-            self.response.force_close()
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await self.response.write(last_frame)
-                await self.response.write_eof()
-        elif transport is not None:
-            transport.abort()
+        self.close = True
+        if last_frame is not None and not self.transport.is_closing():
+            await self.finish(last_frame)
+        else:
+            self.transport.abort()
+
+
+def _framed(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -25,10 +25,6 @@ from gateway.protocols.http.target import parse_target
 from gateway.protocols.ws.sink import WsSink
 
 
-def is_upgrade(request: web.BaseRequest) -> bool:
-    return request.headers.get("upgrade", "").lower() == "websocket"
-
-
 class WsServer:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
