@@ -19,15 +19,14 @@ from gateway.protocols.http.headers import SERVER
 _STATUS_LINES = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("latin-1") for s in HTTPStatus
 }
-_SERVER_LINE = f"{SERVER[0]}: {SERVER[1]}\r\n"
 _date = ["", 0]
 
 
-def _date_line() -> str:
-    """`Date`, formatted at most once a second."""
+def http_date() -> str:
+    """Now, as `Date` says it; formatted at most once a second."""
     now = int(time.time())
     if now != _date[1]:
-        _date[0], _date[1] = f"Date: {formatdate(now, usegmt=True)}\r\n", now
+        _date[0], _date[1] = formatdate(now, usegmt=True), now
     return _date[0]
 
 
@@ -39,10 +38,9 @@ def response_head(
     close: bool,
     chunked: bool = False,
 ) -> bytes:
-    """`headers` must not carry framing or `Server`/`Date` (added here). `length` None and
-    `chunked` False: the body runs to the close."""
-    lines = [_date_line(), _SERVER_LINE]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    """`headers` must not carry framing (added here). `length` None and `chunked` False: the
+    body runs to the close."""
+    lines = [f"{name}: {value}\r\n" for name, value in headers]
     if length is not None:
         lines.append(f"Content-Length: {length}\r\n")
     elif chunked:
@@ -59,7 +57,10 @@ def error_head_and_body(
 ) -> bytes:
     """SPEC's JSON error answer for a failure before the commit point, whole."""
     body = json.dumps(error_body(err, request_id)).encode()
-    headers = [("Content-Type", "application/json"), ("x-request-id", request_id)]
+    headers = [
+        ("Content-Type", "application/json"), ("x-request-id", request_id), SERVER,
+        ("Date", http_date()),
+    ]
     if err.retry_after is not None:
         headers.append(("Retry-After", str(max(1, int(-(-err.retry_after // 1))))))
     headers.extend(extra)

@@ -17,7 +17,7 @@ from gateway.engine.exchange import Opened
 from gateway.errors import GatewayError, InternalError, RequestTimeout
 from gateway.protocols.http.headers import add_rate_limit_headers, client_response_headers
 from gateway.protocols.http.request import ParsedRequest
-from gateway.protocols.http.response import error_head_and_body, response_head
+from gateway.protocols.http.response import error_head_and_body, http_date, response_head
 
 _SIZED = 2048
 _CHUNK_SIZES = tuple(b"%x\r\n" % size for size in range(_SIZED))
@@ -46,8 +46,13 @@ class HttpSink:
         """Bytes of the answer were written."""
         self.complete = False
         """The whole answer was written: the connection may serve its next request."""
-        self.close = conn.draining or not request.keep_alive
-        """The connection closes after this answer."""
+        self.close = not request.keep_alive
+        """The connection closes after this answer (also when the gateway drains)."""
+
+    def _closes(self) -> bool:
+        """Decided when the head is written: a drain may have begun since the request came."""
+        self.close = self.close or self.conn.draining
+        return self.close
 
     def _send(self, data: bytes) -> None:
         if self.transport.is_closing():
@@ -61,6 +66,7 @@ class HttpSink:
         request, ctx = self.request, self.ctx
         if isinstance(err, (RequestTimeout, InternalError)) or not request.complete:
             self.close = True
+        self._closes()
         extra: dict[str, str] = {}
         request_id = ctx.request_id if ctx is not None else os.urandom(12).hex()
         if ctx is not None:
@@ -73,7 +79,7 @@ class HttpSink:
         bodiless = opened.status in _NO_BODY  # no Content-Length either (RFC 9110 8.6)
         head = response_head(
             opened.status, self._headers(opened).items(),
-            length=None if bodiless else len(opened.head), close=self.close,
+            length=None if bodiless else len(opened.head), close=self._closes(),
         )
         self._send(head + body)
         self.complete = True
@@ -83,7 +89,7 @@ class HttpSink:
         if not chunked:
             self.close = True  # an HTTP/1.0 client reads the stream to the close
         head = response_head(
-            opened.status, self._headers(opened).items(), length=None, close=self.close,
+            opened.status, self._headers(opened).items(), length=None, close=self._closes(),
             chunked=chunked,
         )
         transport = self.transport
@@ -102,6 +108,8 @@ class HttpSink:
     def _headers(self, opened: Opened):
         sse = opened.headers.get("content-type", "").startswith("text/event-stream")
         headers = client_response_headers(opened.headers, self.ctx.request_id, sse)
+        if "date" not in headers:
+            headers["Date"] = http_date()
         add_rate_limit_headers(headers, self.ctx.rate_remaining, self.ctx.token_budget)
         return headers
 
