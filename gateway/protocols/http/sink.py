@@ -10,7 +10,6 @@ bounded buffer. `complete` and `close` tell the connection what it may do next.
 from __future__ import annotations
 
 import asyncio
-import os
 
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
@@ -33,7 +32,7 @@ class HttpSink:
     )
     receive = None  # HTTP/1.1 is one request, one answer: nothing more comes from the client
 
-    def __init__(self, conn, request: ParsedRequest, ctx: RequestContext | None) -> None:
+    def __init__(self, conn, request: ParsedRequest, ctx: RequestContext) -> None:
         self.conn = conn
         """The client's `HttpConnection`: its transport, and a wait for the client to read."""
         self.request = request
@@ -68,10 +67,8 @@ class HttpSink:
             self.close = True
         self._closes()
         extra: dict[str, str] = {}
-        request_id = ctx.request_id if ctx is not None else os.urandom(12).hex()
-        if ctx is not None:
-            add_rate_limit_headers(extra, ctx.rate_remaining, ctx.token_budget)
-        self._send(error_head_and_body(err, request_id, extra.items(), self.close))
+        add_rate_limit_headers(extra, ctx.rate_remaining, ctx.token_budget)
+        self._send(error_head_and_body(err, ctx.request_id, extra.items(), self.close))
         self.complete = True
 
     async def send_whole(self, opened: Opened) -> None:
