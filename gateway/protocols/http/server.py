@@ -24,14 +24,15 @@ from gateway.protocols.http.sink import HttpSink
 from gateway.protocols.http.target import parse_target
 
 
-def request_context(request) -> RequestContext:
-    """The engine's context for a request: a parsed one, or aiohttp's WebSocket upgrade."""
+def request_context(request, now: float) -> RequestContext:
+    """The engine's context for a request (a parsed one, or aiohttp's WebSocket upgrade)
+    that arrived at loop time `now`."""
     return RequestContext(
         request_id_from(request.headers.get("x-request-id")),
         request.method,
         request.raw_path,
         request.remote or "",
-        asyncio.get_running_loop().time(),
+        now,
     )
 
 
@@ -40,7 +41,7 @@ class HttpServer:
         self.proxy = proxy
 
     async def handle(self, request: ParsedRequest, conn) -> HttpSink:
-        ctx = request_context(request)
+        ctx = request_context(request, conn.loop.time())  # (3.11: get_running_loop is a getpid)
         sink = HttpSink(conn, request, ctx)
         await self.proxy.serve(ctx, HttpInbound(request, ctx, conn), sink)
         return sink
