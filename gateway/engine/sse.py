@@ -33,25 +33,13 @@ def split_complete(data: bytes, sep: bytes) -> tuple[bytes, bytes]:
     return data[:end], data[end:]
 
 
-_scan = json.JSONDecoder().scan_once
-"""The C scanner behind `json.loads`: one JSON value at an offset, no wrappers around it."""
-
-
 def loads_json(data: bytes):
     """`json.loads`, with the decoding of UTF-8 (what nearly every body is) done first: given
-    bytes, json.loads first guesses the encoding in Python. A text that is exactly one JSON
-    value (no surrounding whitespace, nearly every body) goes to the C scanner directly;
-    anything else takes json.loads's own path, errors and all. Raises ValueError."""
+    bytes, json.loads first guesses the encoding in Python. Raises ValueError."""
     try:
         text = data.decode()
     except UnicodeDecodeError:
         return json.loads(data)  # UTF-16 or UTF-32, which JSON allows
-    try:
-        value, end = _scan(text, 0)
-    except (StopIteration, ValueError, RecursionError):
-        end = -1
-    if end == len(text):
-        return value
     return json.loads(data if text[:1] == "\ufeff" else text)  # json.loads drops a BOM
 
 
