@@ -24,8 +24,8 @@ applies to it at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Hashable, Mapping
+from collections.abc import Hashable, Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple, Protocol
 
 from gateway.admission import budgets
@@ -133,35 +133,16 @@ class Admission:
         plan = self._plans.get(route.name) or self._plan(route)
         return max((s if stream else u for _, s, u in plan.slots), default=0)
 
-    @contextlib.asynccontextmanager
-    async def admit(
+    def admit(
         self, ctx: Admittable, route: Route, headers: Mapping[str, str]
-    ) -> AsyncIterator[None]:
+    ) -> AbstractAsyncContextManager[None]:
         """Hold the route's limits for the `async with` body; `headers` are the request's
-        (case-insensitive), for rate limits keyed by a header."""
+        (case-insensitive), for rate limits keyed by a header. A plain object, not a
+        generator: a route without limits costs one lookup."""
         plan = self._plans.get(route.name) or self._plan(route)
         if not (plan.rates or plan.budgets or plan.slots):
-            yield
-            return
-        taken = await self._take_rates(ctx, route, headers, plan.rates)
-        charges: list[budgets.Charge] = []
-        try:
-            if plan.budgets:
-                charges = await budgets.reserve(
-                    ctx, route.name, headers, plan.budgets, self._metrics.budgets
-                )
-                ctx.token_cap = plan.token_cap
-            held = await _take_units(ctx, route, plan.slots)
-        except BaseException:
-            budgets.settle(ctx, charges, self._metrics.budgets, refund=True)
-            for grant in taken:
-                grant.refund()
-            raise
-        try:
-            yield
-        finally:
-            _release(held)
-            budgets.settle(ctx, charges, self._metrics.budgets)
+            return _NOTHING_HELD
+        return _Held(self, ctx, route, headers, plan)
 
     async def _take_rates(
         self,
@@ -212,6 +193,55 @@ async def _take_units(
 def _release(held: list[tuple[Semaphore, Hashable]]) -> None:
     for semaphore, handle in reversed(held):
         semaphore.release(handle)
+
+
+class _Held:
+    """One request's hold on its route's limits: taken on entry, all or nothing; given back
+    on exit, however the body ended (units released, token reservations settled)."""
+
+    __slots__ = ("admission", "ctx", "route", "headers", "plan", "held", "charges")
+
+    def __init__(self, admission: Admission, ctx: Admittable, route: Route,
+                 headers: Mapping[str, str], plan: _Plan) -> None:
+        self.admission, self.ctx, self.route, self.headers = admission, ctx, route, headers
+        self.plan = plan
+        self.held: list[tuple[Semaphore, Hashable]] = []
+        self.charges: list[budgets.Charge] = []
+
+    async def __aenter__(self) -> None:
+        admission, ctx, route, plan = self.admission, self.ctx, self.route, self.plan
+        metrics = admission._metrics.budgets
+        taken = await admission._take_rates(ctx, route, self.headers, plan.rates)
+        charges: list[budgets.Charge] = []
+        try:
+            if plan.budgets:
+                charges = await budgets.reserve(ctx, route.name, self.headers, plan.budgets,
+                                                metrics)
+                ctx.token_cap = plan.token_cap
+            self.held = await _take_units(ctx, route, plan.slots)
+        except BaseException:
+            budgets.settle(ctx, charges, metrics, refund=True)
+            for grant in taken:
+                grant.refund()
+            raise
+        self.charges = charges
+
+    async def __aexit__(self, *exc_info) -> None:
+        _release(self.held)
+        budgets.settle(self.ctx, self.charges, self.admission._metrics.budgets)
+
+
+class _NothingHeld:
+    """The hold of a route without limits."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info) -> None:
+        return None
+
+
+_NOTHING_HELD = _NothingHeld()
 
 
 def _semaphore(

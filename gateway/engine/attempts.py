@@ -36,6 +36,7 @@ from gateway.engine.order import Try, TryOrder
 from gateway.engine.try_once import try_once
 from gateway.errors import GatewayError, NoHealthyUpstream
 from gateway.observe.metrics import Metrics
+from gateway.observe.tracing import NULL_TRACE
 from gateway.upstreams.pool import UpstreamPool
 
 
@@ -60,13 +61,8 @@ class Attempts:
     )
 
     def __init__(
-        self,
-        ctx: RequestContext,
-        route: Route,
-        pools: Mapping[str, UpstreamPool],
-        headers,
-        metrics: Metrics,
-        budget: HedgeBudget | None = None,
+        self, ctx: RequestContext, route: Route, pools: Mapping[str, UpstreamPool], headers,
+        metrics: Metrics, budget: HedgeBudget | None = None,
     ) -> None:
         self.ctx, self.route, self.headers, self.metrics = ctx, route, headers, metrics
         self.order = TryOrder(ctx, route, pools)
@@ -215,7 +211,8 @@ class Attempts:
         ctx.upstream, ctx.endpoint = t.upstream, t.url
         ctx.attempts += 1
         ctx.tries.append(t)
-        headers = self.headers.copy()  # each try carries its own traceparent
+        # Each try carries its own traceparent (when tracing is on).
+        headers = self.headers.copy() if ctx.trace is not NULL_TRACE else self.headers
         span = t.span = ctx.trace.attempt(t.upstream, t.url, headers, t.why, t.reason)
         model = t.model if t.model is not None else ctx.model
         try:

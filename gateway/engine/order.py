@@ -37,7 +37,8 @@ class Try:
     """One request to one endpoint: where it went, why, and how it ended (for logs and traces)."""
 
     __slots__ = (
-        "pool", "endpoint", "model", "hop", "why", "reason", "result", "span", "lost",
+        "pool", "endpoint", "upstream", "url", "model", "hop", "why", "reason", "result", "span",
+        "lost",
     )
 
     def __init__(
@@ -45,6 +46,8 @@ class Try:
     ) -> None:
         self.pool = pool
         self.endpoint = endpoint
+        self.upstream: str = pool.name
+        self.url: str = endpoint.url
         self.model = model
         """The fallback's model rewrite, if any."""
         self.hop = hop
@@ -58,14 +61,6 @@ class Try:
         self.span = None
         self.lost = False
         """Another try won the race: this one is closed at once."""
-
-    @property
-    def upstream(self) -> str:
-        return self.pool.name
-
-    @property
-    def url(self) -> str:
-        return self.endpoint.url
 
     def again(self, why: str, reason: str) -> Try:
         """Another request to the same endpoint."""
@@ -87,9 +82,9 @@ class TryOrder:
         self, ctx: RequestContext, route: Route, pools: Mapping[str, UpstreamPool]
     ) -> None:
         self.ctx, self.route = ctx, route
-        self.hops = [(pools[route.upstream], None)] + [
-            (pools[f.upstream], f.model) for f in route.fallbacks
-        ]
+        self.hops = [(pools[route.upstream], None)]
+        if route.fallbacks:
+            self.hops += [(pools[f.upstream], f.model) for f in route.fallbacks]
         self.index = 0
         self.unavailable: NoHealthyUpstream | None = None
         """Set when an upstream was skipped for having no endpoint in rotation."""
@@ -104,7 +99,9 @@ class TryOrder:
         # none has, it is tried anyway if in panic (rather than refusing the request).
         later = self.hops[self.index + 1 :]
         ctx_model = self.ctx.model
-        self.last_resort = not any(p.has_endpoint_for(m or ctx_model) for p, m in later)
+        self.last_resort = not later or not any(
+            p.has_endpoint_for(m or ctx_model) for p, m in later
+        )
 
     def next(self, fresh: bool = False) -> Try | None:
         """The next try, or None when every upstream has been given up (or time is up). A

@@ -79,8 +79,9 @@ class Proxy:
     async def serve(self, ctx: RequestContext, inbound: Inbound, sink: Sink) -> None:
         runtime = self.runtime
         ctx.trace = runtime.tracing.request_span(ctx, inbound.headers)
+        if not self.in_flight:  # else it is clear already
+            self._idle.clear()
         self.in_flight.add(ctx)
-        self._idle.clear()
         runtime.enter()
         try:
             if self.draining:

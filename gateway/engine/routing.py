@@ -21,7 +21,7 @@ from gateway.config.routes import Route
 _CANDIDATE_CACHE_SIZE = 4096
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestFacts:
     """What routing looks at: the request line, its headers, and the body's "model"."""
 

@@ -68,8 +68,9 @@ class Runtime:
         await self.tracing.aclose()  # flushes the last spans, from a thread
 
     def enter(self) -> None:
+        if not self.in_flight:  # else it is clear already
+            self._idle.clear()
         self.in_flight += 1
-        self._idle.clear()
 
     def leave(self) -> None:
         self.in_flight -= 1

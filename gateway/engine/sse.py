@@ -43,6 +43,22 @@ def loads_json(data: bytes):
     return json.loads(data if text[:1] == "\ufeff" else text)  # json.loads drops a BOM
 
 
+_scan = json.JSONDecoder().scan_once
+"""The C scanner behind `json.loads`: one JSON value at an offset."""
+
+
+def _event_json(data: bytes):
+    """`loads_json` for the commit check, which parses the opening event of nearly every
+    stream: data that is exactly one UTF-8 JSON value (what backends send) goes to the C
+    scanner without json.loads's wrappers; anything else takes loads_json, errors and all."""
+    try:
+        text = data.decode()
+        value, end = _scan(text, 0)
+    except (StopIteration, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return loads_json(data)
+    return value if end == len(text) else loads_json(data)
+
+
 def has_content(events: bytes, sep: bytes) -> bool:
     """Whether any complete event in `events` carries content (and so commits the stream)."""
     return any(event and _event_has_content(event) for event in events.split(sep))
@@ -58,7 +74,7 @@ def _event_has_content(event: bytes) -> bool:
     if data.strip() == b"[DONE]":
         return False
     try:
-        payload = loads_json(data)
+        payload = _event_json(data)
     except ValueError:
         return True  # not ours to judge: relay it
     if not isinstance(payload, dict) or "choices" not in payload:

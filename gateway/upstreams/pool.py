@@ -77,6 +77,7 @@ class UpstreamPool:
         """Why the pool is in panic, as last evaluated (empty: it is not)."""
         self._panic_checked_at = 0.0
         self._slots = asyncio.Semaphore(config.max_connections)
+        self._waited = metrics.upstream_pool_wait.labels(name) if metrics is not None else None
 
     async def start(self) -> None:
         await self.client.start()
@@ -95,8 +96,9 @@ class UpstreamPool:
         """An endpoint for `model`, preferring one this request has not tried yet. In panic,
         any endpoint; with none in rotation, one only as the `last_resort` (else None)."""
         now = time.monotonic()
-        available = [ep for ep in self.endpoints if self.in_rotation(ep, model, now)]
-        panic = self._is_panic(len(available))
+        ejected = self.outliers.ejected
+        available = [ep for ep in self.endpoints if ep.healthy and not ejected(ep, model, now)]
+        panic = len(available) * 100 < self._panic_threshold * len(self.endpoints)  # _is_panic
         if panic != bool(self._panic) and now >= self._panic_checked_at + PANIC_RECHECK_S:
             self.panic_reasons(now)
         if panic and (available or last_resort):
@@ -183,9 +185,9 @@ class UpstreamPool:
         self._slots.release()
 
     def _observe_wait(self, seconds: float, exhausted: bool = False) -> None:
-        if self._metrics is None:
+        if self._waited is None:
             return
-        self._metrics.upstream_pool_wait.labels(self.name).observe(seconds)
+        self._waited.observe(seconds)
         if exhausted:
             self._metrics.upstream_pool_exhausted.labels(self.name).inc()
 
