@@ -33,7 +33,7 @@ ROUTE = load_config_text(config_yaml("http://127.0.0.1:1"), "t.yaml", env={}).ro
 
 def _context(path: str = "/v1/chat/completions?api=x") -> RequestContext:
     loop = asyncio.get_running_loop()
-    return RequestContext("req-1", "POST", path, "127.0.0.1", loop.time())
+    return RequestContext("req-1", "POST", path, "127.0.0.1", loop)
 
 
 def _committed(ctx: RequestContext, status: int = 200, ttfc: float = 0.05) -> None:

@@ -107,7 +107,7 @@ class Attempts:
         final: AttemptFailed | None = None
         why, reason = ask.why, ask.reason
         hedge_at: float | None = None
-        loop = asyncio.get_running_loop()
+        loop = self.ctx.loop
         try:
             while True:
                 if not running:
@@ -164,7 +164,7 @@ class Attempts:
         if why == "retry":  # a retry is a try that follows a failure
             self.metrics.child(self.metrics.retries, self.route.name, reason).inc()
             self.ctx.trace.retry(reason)
-        self._started_at = asyncio.get_running_loop().time()
+        self._started_at = self.ctx.loop.time()
 
     def _hedge_at(self, ask: Ask) -> float | None:
         """When to start a hedge beside the running tries, if one may be started at all."""

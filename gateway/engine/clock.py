@@ -42,10 +42,15 @@ class StreamClock:
     )
 
     def __init__(
-        self, route: Route, deadline: float, send_keepalive=None, idle: float | None = None
+        self,
+        route: Route,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+        send_keepalive=None,
+        idle: float | None = None,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+        self._loop = loop
+        self._task = asyncio.current_task(loop)
         self.reading = True
         """True while waiting on the upstream (chunk_gap applies), False while writing
         to the client (slow_client applies)."""

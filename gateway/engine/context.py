@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from asyncio import AbstractEventLoop
 
 from gateway.config.routes import Route
 from gateway.engine import messages
@@ -74,13 +75,17 @@ class RequestContext:
         "messages_in",
         "client_closed",
         "session",
+        "loop",
     )
 
     def __init__(
-        self, request_id: str, method: str, path: str, client_ip: str, started: float
+        self, request_id: str, method: str, path: str, client_ip: str, loop: AbstractEventLoop
     ) -> None:
         self.request_id = request_id
-        self.started = started
+        self.loop = loop
+        """The loop serving the request: asked once, since on Python 3.11 each
+        `asyncio.get_running_loop()` (and `current_task()`, `timeout()`) is a getpid call."""
+        self.started = loop.time()
         """Event-loop time the request arrived."""
         self.method = method
         self.path = path

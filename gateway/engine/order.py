@@ -131,8 +131,7 @@ class TryOrder:
     def advance(self) -> None:
         """Give up the current upstream for the next fallback (none once time is up)."""
         self.index += 1
-        loop = asyncio.get_running_loop()
-        if self.index >= len(self.hops) or loop.time() >= self.ctx.deadline:
+        if self.index >= len(self.hops) or self.ctx.loop.time() >= self.ctx.deadline:
             self.index = len(self.hops)
         else:
             self._enter()
@@ -157,9 +156,8 @@ class TryOrder:
     async def backoff(self, retry_after: float | None) -> None:
         """Sleep before the next try on the same upstream; give it up instead when the sleep
         would run past the request's deadline."""
-        loop = asyncio.get_running_loop()
         delay = backoff_delay(self.route.retry.backoff, max(1, self.used), retry_after)
-        if loop.time() + delay >= self.ctx.deadline:
+        if self.ctx.loop.time() + delay >= self.ctx.deadline:
             self.advance()
         else:
             await asyncio.sleep(delay)

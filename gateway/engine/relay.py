@@ -47,7 +47,7 @@ async def relay(
         else:
             ctx.usage = usage.from_body(opened.head)
         await sink.send_whole(opened)
-        ctx.first_chunk_at = asyncio.get_running_loop().time()
+        ctx.first_chunk_at = ctx.loop.time()
         ctx.chunks, ctx.bytes = 1, len(opened.head)
         return
     resumer = Resumer.start(ctx, route, opened, tries, metrics)
@@ -104,7 +104,7 @@ class _Pump:
         keepalive = self._keepalive if (self.framing.keepalive and route.keepalive) else None
         self.two_way = opened.response.send is not None and ctx.session is not None
         idle = route.websocket.idle if self.two_way and route.websocket else None
-        self.clock = StreamClock(route, ctx.deadline, keepalive, idle)
+        self.clock = StreamClock(route, ctx.deadline, ctx.loop, keepalive, idle)
         self.resumer = resumer
         self.committed = False
         ctx.abort = self.clock.fire

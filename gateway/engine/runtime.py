@@ -99,7 +99,7 @@ class Runtime:
             m.client_disconnects.labels(route).inc()
         m.sessions.observe(ctx, route)
         if ctx.first_chunk_at is not None:  # committed: it was a stream (or a whole answer)
-            now = asyncio.get_running_loop().time()
+            now = ctx.loop.time()
             m.time_to_first_chunk.labels(route, upstream).observe(ctx.first_chunk_at - ctx.started)
             m.stream_duration.labels(route, ctx.outcome).observe(now - ctx.started)
             m.chunks_per_stream.labels(route).observe(ctx.chunks)
@@ -108,7 +108,7 @@ class Runtime:
             if ctx.usage is not None:
                 self._observe_usage(ctx, now)
         if self.config.telemetry.genai_metrics:
-            m.genai.observe(ctx, asyncio.get_running_loop().time())
+            m.genai.observe(ctx, ctx.loop.time())
         self.access_log.write(ctx)
 
     def _observe_usage(self, ctx: RequestContext, now: float) -> None:

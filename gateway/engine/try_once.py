@@ -30,7 +30,7 @@ async def try_once(
     headers: dict,
 ) -> Opened:
     t = route.timeouts
-    loop = asyncio.get_running_loop()
+    loop = ctx.loop
     try:
         await pool.acquire(endpoint, max(0.0, min(t.queue, ctx.deadline - loop.time())))
     except PoolExhausted as exc:

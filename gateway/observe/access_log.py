@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 
@@ -17,7 +16,7 @@ class AccessLog:
     def write(self, ctx: ObservedRequest) -> None:
         if not self.enabled:
             return
-        now = asyncio.get_running_loop().time()
+        now = ctx.loop.time()
         ttfc = ctx.first_chunk_at - ctx.started if ctx.first_chunk_at is not None else None
         record = {
             "request_id": ctx.request_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 
@@ -27,6 +28,7 @@ class ObservedRequest(Protocol):
     outcome: str
     error_kind: str | None
     started: float
+    loop: asyncio.AbstractEventLoop
     first_chunk_at: float | None
     route: Any
     """The route config it matched (None before routing)."""

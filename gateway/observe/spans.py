@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, MutableMapping
 
@@ -160,7 +159,7 @@ class RequestTrace:
         if not span.is_recording():  # not sampled: nothing to describe
             span.end()
             return
-        loop_now = asyncio.get_running_loop().time()
+        loop_now = ctx.loop.time()
         wall_now = time.time_ns()
         route = ctx.route_name
         if route:

@@ -63,7 +63,7 @@ class GrpcServer:
             "POST",
             method,
             peer_address(context.peer()),
-            asyncio.get_running_loop().time(),
+            asyncio.get_running_loop(),
         )
         ctx.protocol = ctx.upstream_protocol = "grpc"
         sink = GrpcSink(context, ctx)

@@ -166,7 +166,7 @@ class PlainClient:
             conn.abort()
             return
         conn.finish()
-        loop = asyncio.get_running_loop()
+        loop = conn.loop
         conn.idle_since = loop.time()
         origin.idle.append(conn)
         if self._sweeping is None:

@@ -24,15 +24,14 @@ from gateway.protocols.http.sink import HttpSink
 from gateway.protocols.http.target import parse_target
 
 
-def request_context(request, now: float) -> RequestContext:
-    """The engine's context for a request (a parsed one, or aiohttp's WebSocket upgrade)
-    that arrived at loop time `now`."""
+def request_context(request, loop: asyncio.AbstractEventLoop) -> RequestContext:
+    """The engine's context for a request: a parsed one, or aiohttp's WebSocket upgrade."""
     return RequestContext(
         request_id_from(request.headers.get("x-request-id")),
         request.method,
         request.raw_path,
         request.remote or "",
-        now,
+        loop,
     )
 
 
@@ -41,7 +40,7 @@ class HttpServer:
         self.proxy = proxy
 
     async def handle(self, request: ParsedRequest, conn) -> HttpSink:
-        ctx = request_context(request, conn.loop.time())  # (3.11: get_running_loop is a getpid)
+        ctx = request_context(request, conn.loop)
         sink = HttpSink(conn, request, ctx)
         await self.proxy.serve(ctx, HttpInbound(request, ctx, conn), sink)
         return sink

@@ -41,13 +41,13 @@ class _Unexpected(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
-        "transport", "lost", "idle_since", "status", "headers", "_loop", "_parser", "_on_lost",
+        "transport", "lost", "idle_since", "status", "headers", "loop", "_parser", "_on_lost",
         "_waiter", "_raw", "_chunks", "_size", "_complete", "_keep", "_error", "_failed",
         "_deliver", "_pending", "_paused", "_busy", "_until_close", "_head_only",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_lost: Callable) -> None:
-        self._loop = loop
+        self.loop = loop
         self._on_lost = on_lost
         self._parser = HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
@@ -143,7 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _wait(self) -> asyncio.Future:
-        waiter = self._waiter = self._loop.create_future()
+        waiter = self._waiter = self.loop.create_future()
         return waiter
 
     def _wake(self, value: bool | None) -> None:

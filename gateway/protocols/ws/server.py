@@ -30,7 +30,7 @@ class WsServer:
         self.proxy = proxy
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        ctx = request_context(request, asyncio.get_running_loop().time())
+        ctx = request_context(request, asyncio.get_running_loop())
         ctx.stream = True  # a session holds a stream's units for its whole life
         ctx.protocol = "websocket"
         sink = WsSink(request, ctx)
