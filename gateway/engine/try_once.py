@@ -9,11 +9,10 @@ when the request's own budget ran out. What counts toward ejection is decided he
 
 from __future__ import annotations
 
-import asyncio
-
 from gateway.config.routes import Route
 from gateway.engine.commit import AttemptFailed, read_until_commit
 from gateway.engine.context import RequestContext
+from gateway.engine.deadline import Deadline
 from gateway.engine.exchange import Opened
 from gateway.errors import GatewayError, PoolExhausted, UpstreamReset, UpstreamTimeout
 from gateway.upstreams.endpoint import Endpoint
@@ -43,9 +42,8 @@ async def try_once(
     try:
         # Until the connection is ready, connect and first_chunk share one bound; then the
         # request goes out and first_chunk counts from there.
-        async with asyncio.timeout_at(
-            min(loop.time() + t.connect + t.first_chunk, ctx.deadline)
-        ) as scope:
+        first_bound = min(loop.time() + t.connect + t.first_chunk, ctx.deadline)
+        async with Deadline(loop, first_bound) as scope:
 
             def request_sent(on_reused_connection: bool) -> None:
                 nonlocal reused
