@@ -8,6 +8,7 @@ however it ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -61,7 +62,9 @@ class Bench:
         return self._group
 
     async def upstream(self, *args: str, on_proxy_core: bool = False) -> Upstream:
-        layout = Layout(self.layout.load, self.layout.proxy) if on_proxy_core else self.layout
+        layout = self.layout
+        if on_proxy_core:
+            layout = dataclasses.replace(layout, proxy=layout.load, load=layout.proxy)
         return await start_upstream(self.group, layout, *args)
 
     async def gateway(self, upstream: Upstream, name: str = "gateway", **config) -> Target:
