@@ -67,8 +67,13 @@ class Bench:
             layout = dataclasses.replace(layout, proxy=layout.load, load=layout.proxy)
         return await start_upstream(self.group, layout, *args)
 
-    async def gateway(self, upstream: Upstream, name: str = "gateway", **config) -> Target:
-        return await start_gateway(self.group, self.layout, self.workdir, upstream, name,
+    async def gateway(self, upstream: Upstream, name: str = "gateway", anywhere: bool = False,
+                      **config) -> Target:
+        """streamgate in front of `upstream`: on the proxy core, or with `anywhere` (and
+        always with `workers` above 1) free on every core."""
+        layout = dataclasses.replace(self.layout, proxy=self.layout.every) if anywhere else \
+            self.layout
+        return await start_gateway(self.group, layout, self.workdir, upstream, name,
                                    source=self.gateway_source, **config)
 
     async def start_gateway_with_grpc(self, upstream: Upstream, grpc_upstream: str) -> Target:
