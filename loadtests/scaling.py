@@ -44,6 +44,7 @@ class Sample:
     cpu_us: float  # gateway CPU per stream, every process of it
     busy: float  # gateway, % of a core
     load_us: float  # wrk (or the client) + the upstream, CPU per stream
+    load_busy: float  # the same, % of a core
     beside: dict[str, float]  # % of a core on every core: other processes, irq, steal
     processes: dict[str, float] = field(default_factory=dict)  # % of a core, by process
     shares: dict[str, float] = field(default_factory=dict)  # % of the streams, by process
@@ -97,13 +98,17 @@ async def measure(bench, drive: Drive, result: ScenarioResult, upstream: Upstrea
         result.add(Row(f"2 processes: each one busy, {c}", "% of a core", two.processes))
         result.add(Row(f"2 processes: each one's share of the streams, {c}", "%", two.shares))
     if one is not None and two is not None:
-        cores = len(bench.layout.every or ()) or 2
+        cores = len(bench.layout.every or os.sched_getaffinity(0))
         bound = cores * 1e6 / (two.cpu_us + two.load_us)
+        beside = two.beside
+        idle = 100 * cores - two.busy - two.load_busy - sum(beside.values())
         result.notes.append(
-            f"{c}: 2 processes ÷ 1 = {two.rate / one.rate:.2f}; on {cores} cores, gateway + "
-            f"wrk + upstream at the 2-process CPU per stream bound it at {bound:,.0f} "
-            f"streams/s, so it reached {100 * two.rate / bound:.0f}% of that bound "
-            f"(the rest: other work on the machine, and idle time)"
+            f"{c}: 2 processes ÷ 1 = {two.rate / one.rate:.2f}. At the 2-process CPU per "
+            f"stream of gateway + wrk + upstream, {cores} cores allow {bound:,.0f} streams/s. "
+            f"Where the {100 * cores}% went in its median round (from wrk's start to its "
+            f"exit): gateway {two.busy:.0f}%, wrk + upstream {two.load_busy:.0f}%, kernel "
+            f"irq+softirq {beside.get('irq', 0):.0f}%, other processes "
+            f"{beside.get('others', 0):.0f}%, idle {max(0.0, idle):.0f}%"
         )
 
 
@@ -140,6 +145,7 @@ async def _sample(bench, drive: Drive, target: Target, upstream: Upstream, conne
         cpu_us=used / max(done, 1) * 1e6,
         busy=100 * used / wall,
         load_us=load_s / max(done, 1) * 1e6,
+        load_busy=100 * load_s / wall,
         beside=watch.shares(used + load_s, wall),
         processes=processes,
         shares={f"process {k[0]}": 100 * n / total for k, n in streams.items()} if total else {},
