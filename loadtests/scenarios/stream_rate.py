@@ -37,8 +37,9 @@ async def run(bench: Bench) -> ScenarioResult:
         f"{tool} for {s.rate_duration_s:g} s per target and level, {s.rate_tokens}-token "
         "streams, ttft 0, kept-alive connections. Proxy CPU ÷ streams completed. Then 1 vs 2 "
         "gateway processes, both free on every core, in front of nginx answering with the "
-        f"same SSE body: {s.scale_rounds} round(s) of {s.scale_duration_s:g} s each, in "
-        "turns, the median round of each.",
+        "same SSE body (fake-llm when nginx is not installed): wrk and nginx on the load "
+        f"core, {s.scale_rounds} round(s) of {s.scale_duration_s:g} s each, in turns, the "
+        "median round of each.",
     )
     async with bench.processes():
         upstream = await bench.upstream()
