@@ -121,7 +121,7 @@ async def _sample(bench, drive: Drive, target: Target, upstream: Upstream, conne
     assert target.pid is not None and upstream.child is not None
     pids = tree(target.pid)
     children = await _process_admins(target) if len(pids) > 1 else {}
-    streams0 = {k: await _streams(url) for k, url in children.items()}
+    streams0 = {i: await _streams(url) for i, (_, url) in children.items()}
     gw0 = {p: cpu_seconds([p]) for p in pids}
     up0 = cpu_seconds(tree(upstream.child.pid))
     load0 = _children_cpu() + cpu_seconds([os.getpid()])
@@ -134,10 +134,10 @@ async def _sample(bench, drive: Drive, target: Target, upstream: Upstream, conne
     upstream_s = cpu_seconds(tree(upstream.child.pid)) - up0
     load_s = upstream_s + _children_cpu() + cpu_seconds([os.getpid()]) - load0
     used = sum(gw.values())
-    streams = {k: await _streams(url) - streams0[k] for k, url in children.items()}
+    streams = {i: await _streams(url) - streams0[i] for i, (_, url) in children.items()}
     total = sum(streams.values())
-    processes = {f"process {k}": 100 * gw.get(pid, 0.0) / wall
-                 for k, (pid, _) in _by_index(children).items()}
+    processes = {f"process {i}": 100 * gw.get(pid, 0.0) / wall
+                 for i, (pid, _) in children.items()}
     if children:
         processes["supervisor"] = 100 * gw[target.pid] / wall
     return Sample(
@@ -148,19 +148,15 @@ async def _sample(bench, drive: Drive, target: Target, upstream: Upstream, conne
         load_busy=100 * load_s / wall,
         beside=watch.shares(used + load_s, wall),
         processes=processes,
-        shares={f"process {k[0]}": 100 * n / total for k, n in streams.items()} if total else {},
+        shares={f"process {i}": 100 * n / total for i, n in streams.items()} if total else {},
     )
 
 
-async def _process_admins(target: Target) -> dict[tuple[int, int], str]:
-    """(index, pid) → the serving process's private admin URL (/admin/processes)."""
+async def _process_admins(target: Target) -> dict[int, tuple[int, str]]:
+    """index → (pid, private admin URL) of each serving process (/admin/processes)."""
     assert target.admin_url is not None
     listing = await get_json(target.admin_url + "/admin/processes")
-    return {(p["index"], p["pid"]): p["admin"] for p in listing["processes"]}
-
-
-def _by_index(children: dict[tuple[int, int], str]) -> dict[int, tuple[int, str]]:
-    return {index: (pid, url) for (index, pid), url in children.items()}
+    return {p["index"]: (p["pid"], p["admin"]) for p in listing["processes"]}
 
 
 async def _streams(admin_url: str) -> float:
