@@ -8,6 +8,7 @@ however it ends.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -61,11 +62,18 @@ class Bench:
         return self._group
 
     async def upstream(self, *args: str, on_proxy_core: bool = False) -> Upstream:
-        layout = Layout(self.layout.load, self.layout.proxy) if on_proxy_core else self.layout
+        layout = self.layout
+        if on_proxy_core:
+            layout = dataclasses.replace(layout, proxy=layout.load, load=layout.proxy)
         return await start_upstream(self.group, layout, *args)
 
-    async def gateway(self, upstream: Upstream, name: str = "gateway", **config) -> Target:
-        return await start_gateway(self.group, self.layout, self.workdir, upstream, name,
+    async def gateway(self, upstream: Upstream, name: str = "gateway", anywhere: bool = False,
+                      **config) -> Target:
+        """streamgate in front of `upstream`: on the proxy core, or with `anywhere` (and
+        always with `workers` above 1) free on every core."""
+        layout = dataclasses.replace(self.layout, proxy=self.layout.every) if anywhere else \
+            self.layout
+        return await start_gateway(self.group, layout, self.workdir, upstream, name,
                                    source=self.gateway_source, **config)
 
     async def start_gateway_with_grpc(self, upstream: Upstream, grpc_upstream: str) -> Target:

@@ -31,6 +31,8 @@ class Sizes:
     rate_levels: tuple[int, ...] = (64, 512)
     rate_duration_s: float = 6.0
     rate_tokens: int = 16
+    scale_rounds: int = 3  # 1 vs 2 gateway processes, in turns; the median round of each
+    scale_duration_s: float = 3.0
     # 4. memory per open stream
     memory_levels: tuple[int, ...] = (1000, 5000)
     memory_warmup_streams: int = 500
@@ -76,6 +78,8 @@ QUICK = Sizes(
     paced_rounds=1,
     rate_levels=(64,),
     rate_duration_s=1.0,
+    scale_rounds=1,
+    scale_duration_s=1.0,
     memory_levels=(200,),
     memory_warmup_streams=50,
     disconnect_tries=5,

@@ -32,13 +32,16 @@ class Layout:
 
     proxy: frozenset[int] | None
     load: frozenset[int] | None
+    every: frozenset[int] | None = None
+    """All the cores the run may use. A child spawned with no cores of its own inherits the
+    runner's, which `Bench.create` narrows to `load`: one meant to run anywhere gets these."""
 
     @classmethod
     def for_machine(cls, pin: bool) -> Layout:
         cpus = sorted(os.sched_getaffinity(0))
         if not pin or len(cpus) < 2:
             return cls(None, None)
-        return cls(frozenset(cpus[:1]), frozenset(cpus[1:]))
+        return cls(frozenset(cpus[:1]), frozenset(cpus[1:]), frozenset(cpus))
 
 
 @dataclass
@@ -106,7 +109,7 @@ async def start_gateway(
     config.write_text(gateway_yaml(upstream.url, telemetry, routes, grpc_upstream))
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     argv += ["--workers", str(workers)] if workers > 1 else []
-    cpus = layout.proxy if workers == 1 else None
+    cpus = layout.proxy if workers == 1 else layout.every
     child = await group.spawn(name, argv, cpus=cpus, announce=GATEWAY_ANNOUNCE,
                               start_timeout_s=60.0,
                               **({"cwd": source} if source is not None else {}))

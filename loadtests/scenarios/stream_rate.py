@@ -5,15 +5,21 @@ fake-llm sends as fast as it can. fake-llm shares the load core with wrk, so the
 figure is the upstream's own ceiling; the proxy's CPU per stream is the figure that does
 not depend on it.
 
-Then the same with `streamgate serve --workers 2` (a supervisor and two serving processes
-on one port, free to run on every core): what a second process gives on this machine. On
-two cores it shares the load core with wrk and fake-llm, so it shows the scaling this box
-allows, not the scaling of a machine with a core per process.
+Then what a second serving process buys (loadtests/scaling.py): `streamgate serve` with
+`--workers 1` and with `--workers 2` (a supervisor and two serving processes on one port),
+both free to run on every core, in front of an upstream that costs almost nothing per
+stream: nginx answering with the same SSE body fake-llm sends (fake-llm itself, one Python
+process, would be the bottleneck, and on two cores a second gateway process would only take
+its CPU). They take turns in rounds; the rows give streams/s and the ratio 2÷1, gateway CPU
+per stream, each process's busy time and share of the streams, the supervisor's (near 0: it
+is not in the data path) and what else ran on the machine. On two cores, wrk and the
+upstream take part of the second core, so 2÷1 stays below 2 even when each process keeps
+its CPU per stream; a note gives the bound the cores allow.
 """
 
 from __future__ import annotations
 
-from .. import wrk
+from .. import scaling, wrk
 from ..bench import Bench
 from ..proc_stats import CoreWatch, Usage
 from ..results_model import Row, ScenarioResult, ratio
@@ -29,12 +35,18 @@ async def run(bench: Bench) -> ScenarioResult:
     result = ScenarioResult(
         KEY, TITLE,
         f"{tool} for {s.rate_duration_s:g} s per target and level, {s.rate_tokens}-token "
-        "streams, ttft 0, kept-alive connections. Proxy CPU ÷ streams completed.",
+        "streams, ttft 0, kept-alive connections. Proxy CPU ÷ streams completed. Then 1 vs 2 "
+        "gateway processes, both free on every core, in front of nginx answering with the "
+        "same SSE body (fake-llm when nginx is not installed): wrk and nginx on the load "
+        f"core, {s.scale_rounds} round(s) of {s.scale_duration_s:g} s each, in turns, the "
+        "median round of each.",
     )
     async with bench.processes():
         upstream = await bench.upstream()
         targets = await bench.targets(upstream)
-        two = await bench.gateway(upstream, name=TWO, workers=2)
+        sse, sse_name = await scaling.sse_upstream(bench, upstream, fake)
+        gateways = {v: await bench.gateway(sse, name=f"gateway-{n}", workers=n, anywhere=True)
+                    for v, n in scaling.VARIANTS.items()}
         for connections in s.rate_levels:
             rates, cpu, p99, busy, beside = {}, {}, {}, {}, {}
             for target in targets:
@@ -56,41 +68,9 @@ async def run(bench: Bench) -> ScenarioResult:
             result.add(Row(f"stream duration p99, {connections} concurrent", "ms", p99))
             result.add(Row(f"proxy busy, {connections} concurrent", "% of a core", busy))
             core_rows(result, f", {connections} concurrent", beside)
-            usage = await _usage(bench, two, connections, fake)
-            _two_processes(result, f"{connections} concurrent", usage, rates)
+            await scaling.measure(bench, _drive, result, sse, sse_name, gateways, connections,
+                                  fake)
     return result
-
-
-TWO = "gateway ×2"
-"""The `--workers 2` variant, in the report's `other` column."""
-
-
-async def _usage(bench, target, connections, fake) -> tuple[float, float, float]:
-    """(streams/s, CPU µs per stream, % of a core) of `target`'s whole process tree."""
-    before = Usage.of(target.pid)
-    done, seconds, _ = await _drive(bench, target, connections, fake)
-    after = Usage.of(target.pid)
-    used, wall = after.cpu_s - before.cpu_s, after.at - before.at
-    return done / seconds, used / max(done, 1) * 1e6, 100 * used / wall
-
-
-def _two_processes(result: ScenarioResult, c: str, usage: tuple[float, float, float],
-                   rates: dict[str, float]) -> None:
-    rate, cpu, busy = usage
-    one = rates.get("gateway")
-    result.add(Row(f"streams/s, {c}, --workers 2", "streams/s", {TWO: rate},
-                   ratio=ratio(rate, one), ratio_of="1 process", headline=True))
-    result.add(Row(f"proxy CPU per stream, {c}, --workers 2", "µs", {TWO: cpu}))
-    result.add(Row(f"proxy busy, {c}, --workers 2", "% of a core", {TWO: busy}))
-    against = [(n, rates.get(n)) for n in ("direct", "nginx")]
-    result.notes.append(
-        f"{c}: 1 process {_times(one, against)}; 2 processes {_times(rate, against)}"
-    )
-
-
-def _times(value: float | None, against: list[tuple[str, float | None]]) -> str:
-    shown = [f"{r:.2f}× {n}" for n, b in against if (r := ratio(value, b)) is not None]
-    return ", ".join(shown) or "—"
 
 
 def core_rows(result: ScenarioResult, suffix: str, beside: dict[str, dict[str, float]]) -> None:
@@ -103,11 +83,14 @@ def core_rows(result: ScenarioResult, suffix: str, beside: dict[str, dict[str, f
                            values))
 
 
-async def _drive(bench, target, connections, fake) -> tuple[int, float, float | None]:
-    """(streams completed, seconds, p99 stream duration in seconds)."""
+async def _drive(bench, target, connections, fake,
+                 duration_s: float | None = None) -> tuple[int, float, float | None]:
+    """(streams completed, seconds, p99 stream duration in seconds); wrk runs for
+    `duration_s` (default: the sizes' `rate_duration_s`)."""
     s = bench.sizes
     if bench.with_wrk:
-        report = await wrk.run(bench, target, connections, s.rate_duration_s, fake)
+        seconds = duration_s if duration_s is not None else s.rate_duration_s
+        report = await wrk.run(bench, target, connections, seconds, fake)
         if report.errors:
             raise RuntimeError(f"wrk → {target.name}: {report.errors} errors")
         return report.requests, report.seconds, report.p99_s
