@@ -12,7 +12,7 @@ from ..results_model import Row, ScenarioResult, check, percentile, ratio
 
 KEY = "ttfc"
 TITLE = "Added time to first chunk"
-GOALS = {64: (0.5, 2.0)}  # concurrency: (p50 ms, p99 ms) the gateway may add
+GOALS = {1: (0.25, 0.5), 64: (0.5, 2.0)}  # concurrency: (p50 ms, p99 ms) the gateway may add
 NOISE_MS = 0.05
 
 
