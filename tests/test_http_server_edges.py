@@ -14,6 +14,7 @@ import sys
 import pytest
 import websockets
 
+from gateway.protocols.http.connection import HOLD
 from tests.conftest import config_yaml
 from tests.support.raw_http import closed_within, connect, exchange, read_answer, request
 from tests.support.scripted_upstream import Respond, Stall, WaitFor
@@ -423,3 +424,29 @@ async def test_websockets_client_still_connects(start_gateway):
         async with websockets.connect(url) as ws:
             await ws.send("hi")
             assert await asyncio.wait_for(ws.recv(), BOUND) == "hi"
+
+
+async def test_pipelined_bytes_behind_a_stream_are_held_within_a_bound(start_gateway, upstream):
+    gw = await start_gateway(config_yaml(upstream.url))
+    release = asyncio.Event()
+    upstream.script(Respond(sse=True, chunks=[b"data: one\n\n", WaitFor(release)]))
+    upstream.default = Respond(body=b'{"ok": true}')
+    n, pad = 200, "X-Pad: " + "p" * 1000 + "\r\n"  # 200 KiB: more than is held unread
+    reader, writer = await connect(gw.url)
+    try:
+        writer.write(request("POST", "/v1/s", b"{}"))
+        async with asyncio.timeout(BOUND):
+            await reader.readuntil(b"data: one\n\n\r\n")
+        writer.write(b"".join(request("POST", f"/v1/{i}", b"{}", pad) for i in range(n)))
+        (conn,) = listener(gw).connections
+        await until(lambda: conn._paused, "reading paused once enough is held")
+        assert conn._held_size < HOLD + 512 * 1024  # at most one read more
+        release.set()
+        async with asyncio.timeout(BOUND):
+            await reader.readuntil(b"0\r\n\r\n")
+        answers = [await read_answer(reader, BOUND) for _ in range(n)]
+    finally:
+        release.set()
+        writer.close()
+    assert [a.status for a in answers] == [200] * n
+    assert [r.path for r in upstream.requests[1:]] == [f"/v1/{i}" for i in range(n)]

@@ -15,7 +15,6 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadRequest
 
-
 _SMALL = 1024
 
 
