@@ -2,8 +2,9 @@
 
 Bytes go to the parser as they arrive; each request whose head is complete is served by one
 task (`HttpServer.handle`), one at a time, while its body keeps arriving. A client that goes
-away cancels that task, which the engine treats as a disconnect. Pipelined requests wait their
-turn (reading pauses while one waits). Around the requests:
+away cancels that task (the engine's disconnect); so does an EOF, as with aiohttp: a half-close
+is not told from a close. Pipelined requests wait their turn; the bytes after them are held
+unparsed (read on, so that a client gone is seen at once) up to `HOLD` bytes. Also:
 
 - a request the parser refuses, or whose headers take longer than `server.header_timeout`, is
   answered with the gateway's JSON error, counted and logged (`refusals.py`), and the
@@ -16,14 +17,13 @@ turn (reading pauses while one waits). Around the requests:
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
 from typing import NamedTuple
 
 from gateway.protocols.http.parsing import ParseError, RequestParser, Upgraded
-from gateway.protocols.http.refusals import refusal
 from gateway.protocols.http.request import ParsedRequest, malformed_body
-from gateway.protocols.http.response import error_head_and_body
+
+HOLD = 64 * 1024
 
 
 class Refused(NamedTuple):
@@ -53,6 +53,9 @@ class HttpConnection(asyncio.Protocol):
         """Nothing more is parsed: a refusal or a close is coming."""
         self._upgrade: list[bytes] | None = None
         """Once a request upgrades: the bytes after its head, for whoever takes it over."""
+        self._held: list[bytes] | None = None
+        """While a pipelined request waits its turn: the bytes that came after it."""
+        self._held_size = 0
         self._writable: asyncio.Future | None = None
         self._paused = False
 
@@ -74,12 +77,11 @@ class HttpConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        if self._upgrade is not None:
-            self._upgrade.append(data)
+        if self._upgrade is not None or self._held is not None:
+            self._hold(data)
             return
         if self._stopped:
             return
-        self.idle_since = None
         parser = self.parser
         try:
             parser.feed(data)
@@ -96,11 +98,27 @@ class HttpConnection(asyncio.Protocol):
                     self._head_timer = self.loop.call_later(
                         self.settings.header_timeout, self._head_late
                     )
+        if parser.in_head or self.queue:  # not blank lines: they keep nothing open
+            self.idle_since = None
         if self.queue and self.task is None:
             self._next()
-        if self.queue and self.task is not None and not self._paused:
-            self._paused = True  # a pipelined request waits: so does the rest
+        if self.queue and self.task is not None:
+            self._held = []  # a pipelined request waits: so does the rest
+
+    def _hold(self, data: bytes) -> None:
+        (self._upgrade if self._upgrade is not None else self._held).append(data)
+        self._held_size += len(data)
+        if self._held_size > HOLD and not self._paused:
+            self._paused = True
             self.transport.pause_reading()
+
+    def _release(self) -> None:
+        """No request waits any more: read on, from the bytes held."""
+        held, self._held, self._held_size = self._held, None, 0
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self.data_received(b"".join(held))  # also re-arms the head timer of a partial head
 
     def _on_head(self, request: ParsedRequest) -> None:
         if self._head_timer is not None:
@@ -167,9 +185,8 @@ class HttpConnection(asyncio.Protocol):
                 self._next()
             if self.task is None:
                 self.idle_since = self.loop.time()
-            if self._paused and not self.queue and not transport.is_closing():
-                self._paused = False
-                transport.resume_reading()
+            if self._held is not None and not self.queue and not self._stopped:
+                self._release()
 
     def _close_after_answer(self) -> None:
         self._stopped = True
@@ -200,18 +217,13 @@ class HttpConnection(asyncio.Protocol):
         self.queue.append(refused)
 
     def _answer_refusal(self, refused: Refused) -> None:
-        err = refusal(refused.reason)
-        self.listener.refusals.record(
-            self.remote, refused.reason, refused.detail, err.status, self.loop.time()
-        )
-        request_id = os.urandom(12).hex()
-        self.transport.write(error_head_and_body(err, request_id, (), close=True))
+        self.transport.write(self.listener.refusals.answer(self.remote, *refused, self.loop.time()))
         self._close_after_answer()
 
     def _head_late(self) -> None:
         self._head_timer = None
-        if not self.parser.in_head or self._stopped:
-            return
+        if not self.parser.in_head or self._stopped or self._held is not None:
+            return  # (a head held unparsed is timed again once it is read)
         self._refuse(Refused("header_timeout", "no complete request headers in time"))
         if self.task is None:
             self._next()
@@ -263,7 +275,6 @@ class HttpConnection(asyncio.Protocol):
         self.listener.connections.discard(self)
         self._stopped = True
         if self._paused:
+            self._paused = False
             transport.resume_reading()
-        head = f"{request.method} {request.raw_path} HTTP/{request.version}\r\n".encode("latin-1")
-        lines = b"".join(b"%s: %s\r\n" % pair for pair in request.raw_headers)
-        self.listener.upgrade(transport, head + lines + b"\r\n" + rest)
+        self.listener.upgrade(transport, request, rest)

@@ -43,12 +43,15 @@ class HttpListener:
         )
         return self._server.sockets[0].getsockname()[:2]
 
-    def upgrade(self, transport: asyncio.Transport, received: bytes) -> None:
-        """Hand a connection over to the WebSocket adapter, with what was read of it."""
+    def upgrade(self, transport: asyncio.Transport, request: ParsedRequest, rest: bytes) -> None:
+        """Hand a connection over to the WebSocket adapter, with what was read of it: the
+        upgrade's head (remade from what was parsed) and the bytes after it."""
+        head = f"{request.method} {request.raw_path} HTTP/{request.version}\r\n".encode("latin-1")
+        lines = b"".join(b"%s: %s\r\n" % pair for pair in request.raw_headers)
         handler = self._upgrades()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        handler.data_received(received)
+        handler.data_received(head + lines + b"\r\n" + rest)
 
     def close(self) -> None:
         """For a drain: no new connections; idle ones close now, busy ones after their answer."""

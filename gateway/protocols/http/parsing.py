@@ -95,7 +95,8 @@ class RequestParser:
             raise ParseError("line_too_long", f"request target over {MAX_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # httptools gathers a header that spans packets and calls this once, whole.
+        # httptools gathers a header that spans packets and calls this once, whole. A chunked
+        # body's trailers come here too, bounded alike, and are dropped at the message's end.
         self._phase = "bad_message"
         if len(name) > MAX_LINE or len(value) > MAX_LINE:
             raise ParseError("line_too_long", f"a header field over {MAX_LINE} bytes")
@@ -125,4 +126,6 @@ class RequestParser:
     def on_message_complete(self) -> None:
         request, self.request = self.request, None
         self._phase = "bad_request_line"
+        if self._headers:  # a chunked body's trailers: dropped, not the next request's headers
+            self._headers = []
         request.body_done()

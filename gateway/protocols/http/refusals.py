@@ -11,9 +11,11 @@ so that a flood cannot flood the log.
 from __future__ import annotations
 
 import logging
+import os
 
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from gateway.observe.metrics import Metrics
+from gateway.protocols.http.response import error_head_and_body
 
 log = logging.getLogger("streamgate")
 
@@ -75,6 +77,12 @@ class Refusals:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.throttle = LogThrottle()
+
+    def answer(self, remote: str, reason: str, detail: str, now: float) -> bytes:
+        """Count and log one refusal; the answer to write before the connection closes."""
+        err = refusal(reason)
+        self.record(remote, reason, detail, err.status, now)
+        return error_head_and_body(err, os.urandom(12).hex(), (), close=True)
 
     def record(self, remote: str, reason: str, detail: str, status: int, now: float) -> None:
         self.metrics.child(self.metrics.bad_requests, reason).inc()

@@ -2,7 +2,9 @@
 
 The head is complete when this exists; the body comes in afterwards (`add_body`), bounded:
 past `body_limit` bytes nothing more is kept, only counted, and the reader is told the body is
-too large. `wait_body` is what the proxy awaits (within its own `body_timeout`).
+too large. Small pieces (a chunked body in tiny chunks: one bytes object each, out of llhttp)
+are gathered into one bytearray, so that what is held stays about the size of the body.
+`wait_body` is what the proxy awaits (within its own `body_timeout`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import asyncio
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import BadRequest
+
+_SMALL = 1024
 
 
 class ParsedRequest:
@@ -73,7 +77,13 @@ class ParsedRequest:
     def add_body(self, data: bytes, limit: int) -> None:
         self.size += len(data)
         if self.size <= limit:
-            self.parts.append(data)
+            parts = self.parts
+            if not parts or len(data) >= _SMALL:
+                parts.append(data)
+            elif type(last := parts[-1]) is bytearray:
+                last += data
+            else:
+                parts.append(bytearray(data))
         else:  # over: nothing more is kept, and the reader is told
             self.parts.clear()
             self._wake()

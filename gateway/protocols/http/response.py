@@ -2,7 +2,8 @@
 
 The framing is the gateway's: `Content-Length` for a whole body, `Transfer-Encoding: chunked`
 for a stream to an HTTP/1.1 client (an HTTP/1.0 client reads a stream to the close), and
-`Connection: close` when the connection ends after this answer.
+`Connection: close` when the connection ends after this answer (and `Connection: keep-alive`
+when it does not, to an HTTP/1.0 client, which would assume a close otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def response_head(
     length: int | None,
     close: bool,
     chunked: bool = False,
+    http10: bool = False,
 ) -> bytes:
     """`headers` must not carry framing (added here). `length` None and `chunked` False: the
     body runs to the close."""
@@ -47,13 +49,19 @@ def response_head(
         lines.append("Transfer-Encoding: chunked\r\n")
     if close:
         lines.append("Connection: close\r\n")
+    elif http10:
+        lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
     status_line = _STATUS_LINES.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode()
     return status_line + "".join(lines).encode("latin-1", "surrogateescape")
 
 
 def error_head_and_body(
-    err: GatewayError, request_id: str, extra: Iterable[tuple[str, str]], close: bool
+    err: GatewayError,
+    request_id: str,
+    extra: Iterable[tuple[str, str]],
+    close: bool,
+    http10: bool = False,
 ) -> bytes:
     """SPEC's JSON error answer for a failure before the commit point, whole."""
     body = json.dumps(error_body(err, request_id)).encode()
@@ -64,4 +72,4 @@ def error_head_and_body(
     if err.retry_after is not None:
         headers.append(("Retry-After", str(max(1, int(-(-err.retry_after // 1))))))
     headers.extend(extra)
-    return response_head(err.status, headers, length=len(body), close=close) + body
+    return response_head(err.status, headers, length=len(body), close=close, http10=http10) + body

@@ -68,7 +68,10 @@ class HttpSink:
         self._closes()
         extra: dict[str, str] = {}
         add_rate_limit_headers(extra, ctx.rate_remaining, ctx.token_budget)
-        self._send(error_head_and_body(err, ctx.request_id, extra.items(), self.close))
+        head_and_body = error_head_and_body(
+            err, ctx.request_id, extra.items(), self.close, not self.chunked
+        )
+        self._send(head_and_body)
         self.complete = True
 
     async def send_whole(self, opened: Opened) -> None:
@@ -77,6 +80,7 @@ class HttpSink:
         head = response_head(
             opened.status, self._headers(opened).items(),
             length=None if bodiless else len(opened.head), close=self._closes(),
+            http10=not self.chunked,
         )
         self._send(head + body)
         self.complete = True
