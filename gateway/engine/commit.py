@@ -2,7 +2,8 @@
 
 An error status is read whole (bounded) so its body can be matched against `retry.on` and
 kept aside. A success is read until its framing says a frame carries content (a stream), or to
-its end (a unary answer). A 200 that ends with nothing to say is the condition `empty_body`.
+its end (a unary answer). A 200 that ends with nothing to say (to any method but HEAD) is the
+condition `empty_body`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ async def read_until_commit(
         head, complete = await _read_whole(response, limit)
         has_content = bool(head) or not complete
         framing = Framing()  # a body past the buffer goes on as raw bytes
-    if status == 200 and not has_content:
+    if status == 200 and not has_content and ctx.method != "HEAD":  # HEAD: none is due
         held = HeldResponse(status, headers, head)
         err = UpstreamReset(f"upstream sent a 200 with no content ({len(head)} bytes)")
         raise AttemptFailed(err, ("empty_body",), held=held, ejects=False)

@@ -75,11 +75,14 @@ class HttpSink:
         self.complete = True
 
     async def send_whole(self, opened: Opened) -> None:
-        body = b"" if self.request.method == "HEAD" else opened.head
-        bodiless = opened.status in _NO_BODY  # no Content-Length either (RFC 9110 8.6)
+        body, length = opened.head, len(opened.head)
+        if opened.status in _NO_BODY:  # no Content-Length either (RFC 9110 8.6)
+            length = None
+        elif self.request.method == "HEAD":  # the length a GET would get, as the upstream said
+            body, declared = b"", opened.headers.get("content-length", "")
+            length = int(declared) if declared.isdigit() else None
         head = response_head(
-            opened.status, self._headers(opened).items(),
-            length=None if bodiless else len(opened.head), close=self._closes(),
+            opened.status, self._headers(opened).items(), length=length, close=self._closes(),
             http10=not self.chunked,
         )
         self._send(head + body)
