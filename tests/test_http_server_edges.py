@@ -455,3 +455,25 @@ async def test_pipelined_bytes_behind_a_stream_are_held_within_a_bound(start_gat
         writer.close()
     assert [a.status for a in answers] == [200] * n
     assert [r.path for r in upstream.requests[1:]] == [f"/v1/{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "probe, reason",
+    [
+        pytest.param(b"GET /v1/x HTTP/2.0\r\nHost: gw\r\n\r\n", "bad_request_line", id="HTTP/2.0"),
+        pytest.param(b"GET /v1/x HTTP/0.9\r\nHost: gw\r\n\r\n", "bad_request_line", id="HTTP/0.9"),
+        pytest.param(
+            b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nContent-Length: +1\r\n\r\n{",
+            "bad_message",
+            id="signed-content-length",
+        ),
+    ],
+)
+async def test_other_versions_and_bad_lengths_are_refused_under_their_reason(
+    gateway, upstream, probe, reason
+):
+    answer = await exchange(gateway.url, probe)
+    assert answer.status == 400 and answer.closed
+    registry = gateway.gateway.metrics.registry
+    assert registry.get_sample_value("streamgate_bad_requests_total", {"reason": reason}) == 1
+    assert upstream.requests == []

@@ -17,6 +17,9 @@ from gateway.protocols.http.request import ParsedRequest
 
 MAX_LINE = 8190
 MAX_HEADERS = 128
+_VERSIONS = frozenset({"1.1", "1.0"})
+_IN_HEADERS = ("header", "content-length", "transfer-encoding")
+"""Words in llhttp's message for a fault found in the headers (a bad length, say)."""
 
 
 class ParseError(Exception):
@@ -44,7 +47,6 @@ class RequestParser:
         "_url",
         "_headers",
         "_phase",
-        "_too_long",
         "request",
         "in_head",
     )
@@ -64,7 +66,6 @@ class RequestParser:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._phase = "bad_request_line"
-        self._too_long = False
 
     def feed(self, data: bytes) -> None:
         """Raises ParseError, or Upgraded once a request upgrades the connection."""
@@ -81,7 +82,8 @@ class RequestParser:
             raise ParseError("other", str(exc)) from None
         except httptools.HttpParserError as exc:
             # The first header is only seen whole: llhttp's message says it had begun.
-            phase = "bad_message" if "header" in str(exc).lower() else self._phase
+            said = str(exc).lower()
+            phase = "bad_message" if any(w in said for w in _IN_HEADERS) else self._phase
             raise ParseError(phase, str(exc)) from None
 
     # -- llhttp's callbacks
@@ -106,10 +108,13 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        version = parser.get_http_version()
+        if version not in _VERSIONS:  # llhttp takes HTTP/0.9 and HTTP/2.0 request lines
+            raise ParseError("bad_request_line", f"HTTP/{version} is not HTTP/1.x")
         request = ParsedRequest(
             parser.get_method().decode("ascii"),
             self._url.decode("latin-1"),
-            parser.get_http_version(),
+            version,
             self._headers,
             self._remote,
             parser.should_keep_alive(),
