@@ -477,3 +477,23 @@ async def test_other_versions_and_bad_lengths_are_refused_under_their_reason(
     registry = gateway.gateway.metrics.registry
     assert registry.get_sample_value("streamgate_bad_requests_total", {"reason": reason}) == 1
     assert upstream.requests == []
+
+
+async def test_a_request_refused_while_draining_closes_its_connection(start_gateway, upstream):
+    gateway = await start_gateway(config_yaml(upstream.url, server="drain_delay: 10s"))
+    upstream.default = Respond(body=b'{"ok": true}')
+    reader, writer = await connect(gateway.url)
+    try:
+        writer.write(request("POST", "/v1/x", b"{}"))
+        assert (await read_answer(reader, BOUND)).status == 200
+        draining = asyncio.create_task(gateway.gateway.drain_and_stop())
+        async with asyncio.timeout(BOUND):  # the listener stays open for drain_delay
+            while not gateway.gateway.proxy.draining:
+                await asyncio.sleep(0.005)
+        writer.write(request("POST", "/v1/x", b"{}"))
+        refused = await read_answer(reader, BOUND)
+    finally:
+        writer.close()
+        draining.cancel()
+    # Closed at once, so that the client's next request goes to a replica that serves.
+    assert refused.status == 503 and refused.closed

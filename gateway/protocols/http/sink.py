@@ -13,7 +13,7 @@ import asyncio
 
 from gateway.engine.context import RequestContext
 from gateway.engine.exchange import Opened
-from gateway.errors import GatewayError, InternalError, RequestTimeout
+from gateway.errors import Draining, GatewayError, InternalError, RequestTimeout
 from gateway.protocols.http.headers import add_rate_limit_headers, client_response_headers
 from gateway.protocols.http.request import ParsedRequest
 from gateway.protocols.http.response import error_head_and_body, http_date, response_head
@@ -61,9 +61,10 @@ class HttpSink:
 
     async def refuse(self, err: GatewayError) -> None:
         # The rest of a body that was not read is not coming, or is garbage: answer, then
-        # close at once rather than read a body nobody wants.
+        # close at once rather than read a body nobody wants. A gateway draining closes too,
+        # so that the client's next request opens a connection to a replica that serves.
         request, ctx = self.request, self.ctx
-        if isinstance(err, (RequestTimeout, InternalError)) or not request.complete:
+        if isinstance(err, (RequestTimeout, InternalError, Draining)) or not request.complete:
             self.close = True
         self._closes()
         extra: dict[str, str] = {}
