@@ -325,10 +325,12 @@ async def test_sigterm_drains_every_process_and_the_supervisor_exits_when_all_ha
     assert gateway.proc is not None
     gateway.proc.send_signal(signal.SIGTERM)
 
-    async def draining():
-        return (await get_json(gateway.admin_url + "/readyz"))["ready"] is False
+    async def draining():  # the supervisor's at once; each process's once its SIGTERM is in
+        urls = [gateway.admin_url] + [p["admin"] for p in await processes(gateway)]
+        answers = [await get_json(url + "/readyz") for url in urls]
+        return all(answer["ready"] is False for answer in answers)
 
-    await eventually(draining, 5, "/readyz turning 503")
+    await eventually(draining, 5, "/readyz turning 503 everywhere")
     assert await request(gateway.url) in (503, 0)  # refused with 503, or not accepted
     bodies = await asyncio.gather(*(s.read_to_end() for s in held.values()))
     assert all(body.rstrip().endswith(b"data: [DONE]") for body in bodies)
