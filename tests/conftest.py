@@ -1,12 +1,13 @@
 """Fixtures: a gateway over real sockets, a scriptable upstream, an HTTP client.
 
-`start_gateway(yaml)` runs the real `Gateway` (the production ServerRunner with
-handler_cancellation) inside the test's event loop, listening on 127.0.0.1 ports of its own.
-Tests that need a separate process (signals, the CLI) use `GatewayProcess`.
+`start_gateway(yaml)` runs the real `Gateway` (the production listeners) inside the test's
+event loop, listening on 127.0.0.1 ports of its own. Tests that need a separate process
+(signals, the CLI) use `GatewayProcess`. `redis_url` is a Redis for the module's tests.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import textwrap
@@ -19,6 +20,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.config.loader import load_config_text
 from tests.support.procs import Subprocess
+from tests.support.redis_server import RedisServer
 from tests.support.scripted_upstream import ScriptedUpstream
 
 
@@ -128,3 +130,13 @@ def chat_body(stream: bool = True, model: str = "m", **extra) -> dict:
         "messages": [{"role": "user", "content": "hello"}],
         **extra,
     }
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """Any Redis the tests may use: REDIS_URL, or a private redis-server for this module."""
+    if external := os.environ.get("REDIS_URL"):
+        yield external
+        return
+    with RedisServer() as server:
+        yield server.url

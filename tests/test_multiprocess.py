@@ -25,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import GatewayProcess
 from tests.support.procs import FakeLLM
-from tests.support.redis_server import RedisServer
 
 CHAT = "/v1/chat/completions"
 ENOUGH_TRIES = 40
@@ -369,15 +368,6 @@ async def test_a_local_limit_too_small_to_split_is_refused_naming_its_line(tmp_p
     assert serve.returncode == 1
     assert f"{path}:6:" in stderr.decode()
     assert "limits.concurrency.slots.capacity: capacity 1 is split across 2" in stderr.decode()
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    if external := os.environ.get("REDIS_URL"):
-        yield external
-        return
-    with RedisServer() as server:
-        yield server.url
 
 
 @pytest.mark.redis

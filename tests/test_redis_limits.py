@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 import uuid
@@ -48,16 +47,6 @@ from tests.test_admission import (
 pytestmark = pytest.mark.redis
 
 OK_UNARY = Respond(json={"choices": [{"message": {"content": "ok"}}]})
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """Any Redis the tests may use: REDIS_URL, or a private redis-server for this module."""
-    if external := os.environ.get("REDIS_URL"):
-        yield external
-        return
-    with RedisServer() as server:
-        yield server.url
 
 
 @pytest.fixture
