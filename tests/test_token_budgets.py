@@ -30,7 +30,6 @@ from tests.support.scripted_upstream import (
     usage_chunk,
 )
 from tests.test_admission import CHAT, NO_RETRY
-from tests.test_redis_limits import redis_url  # noqa: F401 -- the fixture
 
 SCOPES = ["local", pytest.param("global", marks=pytest.mark.redis)]
 HOUR = 3600
